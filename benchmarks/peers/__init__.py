@@ -1,0 +1,1 @@
+"""Peer stores the benchmark measures memkv against (Redis, Mooncake Store); see each module."""

@@ -1,0 +1,388 @@
+/* The server's data path: an O_DIRECT I/O thread pool and the PUT/GET pipelines that overlap
+ * socket transfers with disk transfers through a connection's staging arena.
+ * Called with the GIL released; the Python index decides *where* (struct memkv_io), this file
+ * moves and verifies the bytes. It must never serve a block whose header or checksum is wrong. */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <pthread.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/uio.h>
+#include <time.h>
+#include <unistd.h>
+
+#define XXH_INLINE_ALL
+#include <xxhash.h>
+
+#include "memkv.h"
+
+_Static_assert(sizeof(struct memkv_rec_hdr) == MEMKV_REC_HDR, "record header size");
+_Static_assert(sizeof(struct memkv_frame_hdr) == 32, "frame header size");
+_Static_assert(sizeof(struct memkv_req_desc) == 24, "request descriptor size");
+_Static_assert(sizeof(struct memkv_get_rep) == 24, "get reply size");
+
+#define DRAIN_BUF (1u << 20)
+
+int memkv_send_iov(int fd, struct iovec *iov, int cnt); /* wire.c */
+
+static uint64_t round_up(uint64_t v, uint64_t a) { return (v + a - 1) / a * a; }
+
+/* ---- I/O pool ------------------------------------------------------------------------------- */
+struct batch {
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+};
+
+struct job {
+    struct job *next;
+    struct batch *b;
+    int fd, write;
+    void *buf;
+    size_t len;
+    off_t off;
+    int busy;  /* submitted and not yet finished (guarded by b->mu) */
+    int err;   /* 0 or a negative errno */
+};
+
+static struct {
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    struct job *head, *tail;
+    int started;
+} pool = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, NULL, NULL, 0};
+
+static void run_job(struct job *j) {
+    char *p = j->buf;
+    size_t left = j->len;
+    off_t off = j->off;
+    int err = 0;
+    while (left) {
+        ssize_t k = j->write ? pwrite(j->fd, p, left, off) : pread(j->fd, p, left, off);
+        if (k < 0) {
+            if (errno == EINTR) continue;
+            err = -errno;
+            break;
+        }
+        if (k == 0) {
+            err = -EIO; /* short file: the record lies beyond its end */
+            break;
+        }
+        p += k;
+        off += k;
+        left -= (size_t)k;
+    }
+    pthread_mutex_lock(&j->b->mu);
+    j->err = err;
+    j->busy = 0;
+    pthread_cond_broadcast(&j->b->cv);
+    pthread_mutex_unlock(&j->b->mu);
+}
+
+static void *pool_main(void *arg) {
+    (void)arg;
+    for (;;) {
+        pthread_mutex_lock(&pool.mu);
+        while (!pool.head) pthread_cond_wait(&pool.cv, &pool.mu);
+        struct job *j = pool.head;
+        pool.head = j->next;
+        if (!pool.head) pool.tail = NULL;
+        pthread_mutex_unlock(&pool.mu);
+        run_job(j);
+    }
+    return NULL;
+}
+
+int memkv_io_start(int nthreads) {
+    pthread_mutex_lock(&pool.mu);
+    int rc = 0;
+    for (; pool.started < nthreads; pool.started++) {
+        pthread_t t;
+        pthread_attr_t at;
+        pthread_attr_init(&at);
+        pthread_attr_setdetachstate(&at, PTHREAD_CREATE_DETACHED);
+        rc = -pthread_create(&t, &at, pool_main, NULL);
+        pthread_attr_destroy(&at);
+        if (rc) break;
+    }
+    pthread_mutex_unlock(&pool.mu);
+    return rc;
+}
+
+static void submit(struct batch *b, struct job *j, int fd, int write, void *buf, size_t len, off_t off) {
+    j->b = b;
+    j->fd = fd;
+    j->write = write;
+    j->buf = buf;
+    j->len = len;
+    j->off = off;
+    j->err = 0;
+    j->next = NULL;
+    pthread_mutex_lock(&b->mu);
+    j->busy = 1;
+    pthread_mutex_unlock(&b->mu);
+    pthread_mutex_lock(&pool.mu);
+    if (pool.tail) pool.tail->next = j;
+    else pool.head = j;
+    pool.tail = j;
+    pthread_cond_signal(&pool.cv);
+    pthread_mutex_unlock(&pool.mu);
+}
+
+static void wait_job(struct batch *b, struct job *j) {
+    pthread_mutex_lock(&b->mu);
+    while (j->busy) pthread_cond_wait(&b->cv, &b->mu);
+    pthread_mutex_unlock(&b->mu);
+}
+
+/* ---- arena ---------------------------------------------------------------------------------- */
+struct memkv_arena {
+    void *mem;
+    size_t size;
+    uint64_t budget;
+    void *drain;
+};
+
+struct memkv_arena *memkv_arena_new(uint64_t budget) {
+    struct memkv_arena *a = calloc(1, sizeof *a);
+    if (!a) return NULL;
+    a->budget = budget;
+    return a;
+}
+
+void memkv_arena_free(struct memkv_arena *a) {
+    if (!a) return;
+    free(a->mem);
+    free(a->drain);
+    free(a);
+}
+
+/* Carve `*nslots` aligned slots of `slot` bytes (2..64 of them, within the budget when possible). */
+static int arena_slots(struct memkv_arena *a, uint64_t slot, uint32_t want, uint32_t *nslots) {
+    uint64_t k = a->budget / slot;
+    if (k < 2) k = 2;
+    if (k > 64) k = 64;
+    if (k > want) k = want ? want : 1;
+    size_t need = (size_t)(k * slot);
+    if (need > a->size) {
+        free(a->mem);
+        a->mem = NULL;
+        a->size = 0;
+        if (posix_memalign(&a->mem, MEMKV_ALIGN, need)) return -ENOMEM;
+        a->size = need;
+    }
+    *nslots = (uint32_t)k;
+    return 0;
+}
+
+static int drain(int sock, struct memkv_arena *a, uint64_t len) {
+    if (!a->drain && !(a->drain = malloc(DRAIN_BUF))) return -ENOMEM;
+    while (len) {
+        size_t k = len > DRAIN_BUF ? DRAIN_BUF : (size_t)len;
+        int rc = memkv_recv_all(sock, a->drain, k);
+        if (rc) return rc;
+        len -= k;
+    }
+    return 0;
+}
+
+static void fill_header(struct memkv_rec_hdr *h, const struct memkv_io *io) {
+    memset(h, 0, sizeof *h);
+    h->magic = MEMKV_REC_MAGIC;
+    h->version = MEMKV_REC_VERSION;
+    h->key_len = io->key_len;
+    h->ns_id = io->ns_id;
+    h->seq = io->seq;
+    h->len = io->len;
+    h->csum = io->csum;
+    memcpy(h->key, io->key, io->key_len);
+    h->hdr_csum = XXH3_64bits(h, offsetof(struct memkv_rec_hdr, hdr_csum));
+}
+
+/* Check a record read back from disk against what the index expects. */
+static uint8_t verify_record(const struct memkv_rec_hdr *h, const struct memkv_io *io) {
+    if (h->magic != MEMKV_REC_MAGIC || h->version != MEMKV_REC_VERSION ||
+        h->hdr_csum != XXH3_64bits(h, offsetof(struct memkv_rec_hdr, hdr_csum)))
+        return MEMKV_RES_CORRUPT;
+    if (h->seq != io->seq || h->ns_id != io->ns_id || h->len != io->len || h->key_len != io->key_len ||
+        memcmp(h->key, io->key, io->key_len) != 0)
+        return MEMKV_RES_STALE;
+    if (h->csum != io->csum || XXH3_64bits((const char *)h + MEMKV_REC_HDR, io->len) != io->csum)
+        return MEMKV_RES_CORRUPT;
+    return MEMKV_RES_OK;
+}
+
+static uint64_t max_store_len(const struct memkv_io *ios, uint32_t n, uint8_t action, uint32_t *count) {
+    uint64_t m = 0;
+    *count = 0;
+    for (uint32_t i = 0; i < n; i++)
+        if (ios[i].action == action) {
+            (*count)++;
+            if (ios[i].len > m) m = ios[i].len;
+        }
+    return m;
+}
+
+/* ---- server PUT ------------------------------------------------------------------------------ */
+int memkv_server_put(int sock, struct memkv_arena *a, struct memkv_io *ios, uint32_t n) {
+    uint32_t stores;
+    uint64_t slot = round_up(MEMKV_REC_HDR + max_store_len(ios, n, MEMKV_ACT_STORE, &stores), MEMKV_ALIGN);
+    uint32_t nslots = 0;
+    int rc = stores ? arena_slots(a, slot, stores, &nslots) : 0;
+    if (rc) return rc;
+    struct job jobs[64];
+    int32_t owner[64];
+    struct batch b = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER};
+    for (uint32_t s = 0; s < nslots; s++) {
+        jobs[s].busy = 0;
+        owner[s] = -1;
+    }
+    uint32_t next = 0;
+    int fatal = 0;
+    /* A finished write decides its descriptor's status. */
+    #define SETTLE(s)                                                                     \
+        do {                                                                              \
+            if (owner[s] >= 0) {                                                          \
+                wait_job(&b, &jobs[s]);                                                   \
+                struct memkv_io *o = &ios[owner[s]];                                      \
+                o->result = jobs[s].err ? MEMKV_RES_IO : MEMKV_RES_OK;                    \
+                o->status = jobs[s].err ? MEMKV_ST_IO_ERROR : MEMKV_ST_OK;                \
+                owner[s] = -1;                                                            \
+            }                                                                             \
+        } while (0)
+    for (uint32_t i = 0; i < n && !fatal; i++) {
+        struct memkv_io *io = &ios[i];
+        if (io->action != MEMKV_ACT_STORE) {
+            io->result = MEMKV_RES_PRESET;
+            fatal = drain(sock, a, io->len);
+            continue;
+        }
+        uint32_t s = next++ % nslots;
+        SETTLE(s);
+        char *buf = (char *)a->mem + (size_t)s * slot;
+        fatal = memkv_recv_all(sock, buf + MEMKV_REC_HDR, io->len);
+        if (fatal) {
+            io->result = MEMKV_RES_IO;
+            io->status = MEMKV_ST_IO_ERROR;
+            break;
+        }
+        if (XXH3_64bits(buf + MEMKV_REC_HDR, io->len) != io->csum) {
+            io->result = MEMKV_RES_BAD_CSUM;
+            io->status = MEMKV_ST_CHECKSUM_MISMATCH;
+            continue;
+        }
+        fill_header((struct memkv_rec_hdr *)buf, io);
+        uint64_t reclen = round_up(MEMKV_REC_HDR + io->len, MEMKV_ALIGN);
+        memset(buf + MEMKV_REC_HDR + io->len, 0, reclen - MEMKV_REC_HDR - io->len);
+        owner[s] = (int32_t)i;
+        submit(&b, &jobs[s], io->fd, 1, buf, reclen, (off_t)io->off);
+    }
+    for (uint32_t s = 0; s < nslots; s++) SETTLE(s);
+    #undef SETTLE
+    return fatal;
+}
+
+/* ---- server GET ------------------------------------------------------------------------------ */
+int memkv_server_get(int sock, struct memkv_arena *a, struct memkv_io *ios, uint32_t n) {
+    uint32_t loads;
+    uint64_t slot = round_up(MEMKV_REC_HDR + max_store_len(ios, n, MEMKV_ACT_LOAD, &loads), MEMKV_ALIGN);
+    uint32_t nslots = 0;
+    int rc = loads ? arena_slots(a, slot, loads, &nslots) : 0;
+    if (rc) return rc;
+    struct job jobs[64];
+    struct batch b = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER};
+    uint32_t sub = 0; /* next descriptor to consider for read-ahead */
+    /* Give slot s the next LOAD descriptor not yet submitted. */
+    #define FEED(s)                                                                            \
+        do {                                                                                   \
+            while (sub < n && ios[sub].action != MEMKV_ACT_LOAD) sub++;                        \
+            if (sub < n) {                                                                     \
+                submit(&b, &jobs[s], ios[sub].fd, 0, (char *)a->mem + (size_t)(s) * slot,       \
+                       round_up(MEMKV_REC_HDR + ios[sub].len, MEMKV_ALIGN), (off_t)ios[sub].off); \
+                sub++;                                                                         \
+            }                                                                                  \
+        } while (0)
+    for (uint32_t s = 0; s < nslots; s++) {
+        jobs[s].busy = 0;
+        FEED(s);
+    }
+    uint32_t next = 0;
+    int fatal = 0;
+    for (uint32_t i = 0; i < n; i++) {
+        struct memkv_io *io = &ios[i];
+        struct memkv_get_rep rep = {0};
+        struct iovec iov[2] = {{&rep, sizeof rep}, {NULL, 0}};
+        int cnt = 1;
+        uint32_t s = 0;
+        if (io->action == MEMKV_ACT_LOAD) {
+            s = next++ % nslots;
+            wait_job(&b, &jobs[s]);
+            char *buf = (char *)a->mem + (size_t)s * slot;
+            io->result = jobs[s].err ? MEMKV_RES_IO : verify_record((struct memkv_rec_hdr *)buf, io);
+            /* anything but a verified record is a miss for the client: never wrong bytes */
+            io->status = io->result == MEMKV_RES_OK ? MEMKV_ST_OK : MEMKV_ST_MISS;
+            if (io->result == MEMKV_RES_OK) {
+                rep.len = io->len;
+                rep.csum = io->csum;
+                iov[1].iov_base = buf + MEMKV_REC_HDR;
+                iov[1].iov_len = io->len;
+                cnt = 2;
+            }
+        } else {
+            io->result = MEMKV_RES_PRESET;
+        }
+        rep.status = io->status;
+        fatal = memkv_send_iov(sock, iov, cnt);
+        if (fatal) break; /* the client is gone; results of the rest stay PRESET */
+        if (io->action == MEMKV_ACT_LOAD) FEED(s);
+    }
+    #undef FEED
+    for (uint32_t s = 0; s < nslots; s++) wait_job(&b, &jobs[s]);
+    return fatal;
+}
+
+/* ---- ceiling measurement ---------------------------------------------------------------------- */
+static double now(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (double)t.tv_sec + (double)t.tv_nsec * 1e-9;
+}
+
+double memkv_disk_seq(const char *path, uint64_t block, uint64_t total, int write, int depth) {
+    if (depth < 1 || depth > 64 || block % MEMKV_ALIGN) return -EINVAL;
+    int fd = open(path, O_RDWR | O_CREAT | O_DIRECT, 0600);
+    if (fd < 0) return -errno;
+    if (write && fallocate(fd, 0, 0, (off_t)total) && errno != EOPNOTSUPP) {
+        int e = errno;
+        close(fd);
+        return -e;
+    }
+    void *mem = NULL;
+    if (posix_memalign(&mem, MEMKV_ALIGN, (size_t)(block * (uint64_t)depth))) {
+        close(fd);
+        return -ENOMEM;
+    }
+    memset(mem, 0x5a, (size_t)(block * (uint64_t)depth));
+    struct job jobs[64];
+    struct batch b = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER};
+    for (int s = 0; s < depth; s++) jobs[s].busy = 0;
+    int err = 0;
+    double t0 = now();
+    uint64_t n = total / block;
+    for (uint64_t i = 0; i < n; i++) {
+        int s = (int)(i % (uint64_t)depth);
+        wait_job(&b, &jobs[s]);
+        if (jobs[s].err) err = jobs[s].err;
+        submit(&b, &jobs[s], fd, write, (char *)mem + (size_t)s * block, block, (off_t)(i * block));
+    }
+    for (int s = 0; s < depth; s++) {
+        wait_job(&b, &jobs[s]);
+        if (jobs[s].err) err = jobs[s].err;
+    }
+    if (write && !err && fdatasync(fd)) err = -errno;
+    double dt = now() - t0;
+    free(mem);
+    close(fd);
+    return err ? (double)err : dt;
+}

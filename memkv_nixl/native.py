@@ -1,0 +1,153 @@
+"""Typed wrappers around the C data path. The only module that touches the cffi `lib`.
+
+Every call here runs in C with the GIL released; arguments are validated by the callers
+(client, server) before they get here. Negative errno results become OSError.
+"""
+import os
+import struct
+from array import array
+
+from ._version import __version__
+from .errors import MemkvError, ProtocolError
+
+try:
+    from ._native._memkv import ffi, lib
+except ImportError as exc:  # pragma: no cover - depends on the install
+    raise MemkvError(
+        "memkv's native module is not built; run the set-up command from the README "
+        f"(scripts/setup.sh) to build it ({exc})") from exc
+
+_built = ffi.string(lib.memkv_native_version()).decode()
+if _built != __version__:  # pragma: no cover - a stale build must fail loudly
+    raise MemkvError(f"memkv native module is version {_built} but the package is {__version__}; "
+                     "rebuild with scripts/setup.sh")
+
+# struct memkv_io, as a Python struct (offsets are checked against C in tests/test_formats.py)
+IO = struct.Struct("<iIQQQQQQHBBB3x")
+IO_STATUS_AT = 59
+IO_RESULT_AT = 60
+ACT_STORE, ACT_DRAIN, ACT_LOAD, ACT_REPLY = (lib.MEMKV_ACT_STORE, lib.MEMKV_ACT_DRAIN,
+                                             lib.MEMKV_ACT_LOAD, lib.MEMKV_ACT_REPLY)
+RES_OK, RES_BAD_CSUM, RES_IO, RES_STALE, RES_CORRUPT, RES_PRESET = (
+    lib.MEMKV_RES_OK, lib.MEMKV_RES_BAD_CSUM, lib.MEMKV_RES_IO, lib.MEMKV_RES_STALE,
+    lib.MEMKV_RES_CORRUPT, lib.MEMKV_RES_PRESET)
+
+
+def _check(rc: int, what: str) -> None:
+    if rc < 0:
+        raise OSError(-rc, f"{what}: {os.strerror(-rc)}")
+
+
+def address_of(buf) -> int:
+    """Address of a writable-or-readonly buffer-protocol object (kept alive by the caller)."""
+    return int(ffi.cast("uintptr_t", ffi.from_buffer(buf)))
+
+
+def xxh3(data, seed: int = 0) -> int:
+    return lib.memkv_xxh3(ffi.from_buffer(data), len(memoryview(data).cast("B")), seed)
+
+
+def xxh3_strided(buf, count: int, stride: int, length: int) -> array:
+    """xxh3 of `count` records of `length` bytes placed every `stride` bytes of buf."""
+    base = address_of(buf)
+    ptrs = array("Q", range(base, base + count * stride, stride))
+    lens = array("Q", [length]) * count
+    return checksums(ptrs, lens)
+
+
+def checksums(ptrs: array, lens: array) -> array:
+    out = array("Q", bytes(8 * len(ptrs)))
+    lib.memkv_xxh3_many(len(ptrs), ffi.from_buffer("uint64_t[]", ptrs),
+                        ffi.from_buffer("uint64_t[]", lens), ffi.from_buffer("uint64_t[]", out))
+    return out
+
+
+def rendezvous(keys_blob: bytes, key_lens: array, seeds: array) -> array:
+    out = array("I", bytes(4 * len(key_lens)))
+    lib.memkv_rendezvous(len(key_lens), ffi.from_buffer(keys_blob), ffi.from_buffer("uint16_t[]", key_lens),
+                         len(seeds), ffi.from_buffer("uint64_t[]", seeds), ffi.from_buffer("uint32_t[]", out))
+    return out
+
+
+def build_descs(key_lens: array, lens: array | None = None, csums: array | None = None) -> bytes:
+    n = len(key_lens)
+    out = bytearray(24 * n)
+    lib.memkv_build_descs(n, ffi.from_buffer("uint16_t[]", key_lens),
+                          ffi.from_buffer("uint64_t[]", lens) if lens is not None else ffi.NULL,
+                          ffi.from_buffer("uint64_t[]", csums) if csums is not None else ffi.NULL,
+                          ffi.from_buffer("struct memkv_req_desc[]", out))
+    return bytes(out)
+
+
+def check_descs(table, count: int, keys_len: int, min_len: int, max_len: int) -> int:
+    """Validate a received descriptor table; returns the payload total or raises ProtocolError."""
+    err = ffi.new("char[256]")
+    total = ffi.new("uint64_t *")
+    rc = lib.memkv_check_descs(ffi.from_buffer("struct memkv_req_desc[]", table), count, keys_len,
+                               min_len, max_len, total, err, 256)
+    if rc:
+        raise ProtocolError(ffi.string(err).decode())
+    return total[0]
+
+
+def send_all(fd: int, data) -> None:
+    _check(lib.memkv_send_all(fd, ffi.from_buffer(data), len(data)), "send")
+
+
+def recv_exact(fd: int, n: int) -> bytearray:
+    buf = bytearray(n)
+    if n:
+        _check(lib.memkv_recv_all(fd, ffi.from_buffer(buf), n), "receive")
+    return buf
+
+
+def client_put(fd: int, head: bytes, ptrs: array, lens: array) -> None:
+    _check(lib.memkv_client_put(fd, head, len(head), len(ptrs), ffi.from_buffer("uint64_t[]", ptrs),
+                                ffi.from_buffer("uint64_t[]", lens)), "send")
+
+
+def client_get(fd: int, head: bytes, ptrs: array, caps: array, verify: bool):
+    """Returns (reply frame bytes, statuses, lengths, error_frame) — error_frame True when the
+    reply is an error frame whose body the caller still has to read."""
+    n = len(ptrs)
+    rep = bytearray(32)
+    status = bytearray(n)
+    lens = array("Q", bytes(8 * n))
+    rc = lib.memkv_client_get(fd, head, len(head), n, ffi.from_buffer("uint64_t[]", ptrs),
+                              ffi.from_buffer("uint64_t[]", caps), int(verify),
+                              ffi.from_buffer("struct memkv_frame_hdr *", rep), ffi.from_buffer(status),
+                              ffi.from_buffer("uint64_t[]", lens))
+    if rc == -71:  # EPROTO
+        raise ProtocolError("server sent a malformed GET reply (wrong magic, count or a block "
+                            "larger than the buffer asked for)")
+    _check(rc, "receive")
+    return bytes(rep), status, lens, rc == 1
+
+
+def io_start(threads: int) -> None:
+    _check(lib.memkv_io_start(threads), "start I/O threads")
+
+
+class Arena:
+    """Aligned staging buffers of one server connection."""
+
+    def __init__(self, budget: int):
+        self._ptr = ffi.gc(lib.memkv_arena_new(budget), lib.memkv_arena_free)
+        if self._ptr == ffi.NULL:
+            raise MemoryError("memkv arena")
+
+    def server_put(self, sock_fd: int, ios: bytearray, n: int) -> None:
+        _check(lib.memkv_server_put(sock_fd, self._ptr, ffi.from_buffer("struct memkv_io[]", ios), n),
+               "receive")
+
+    def server_get(self, sock_fd: int, ios: bytearray, n: int) -> None:
+        _check(lib.memkv_server_get(sock_fd, self._ptr, ffi.from_buffer("struct memkv_io[]", ios), n),
+               "send")
+
+
+def disk_seq(path: str, block: int, total: int, write: bool, depth: int) -> float:
+    """Seconds for a sequential O_DIRECT pass over `path` (the disk ceiling of the benchmarks)."""
+    r = lib.memkv_disk_seq(path.encode(), block, total, int(write), depth)
+    if r < 0:
+        _check(int(r), f"O_DIRECT {'write' if write else 'read'} of {path}")
+    return r

@@ -1,0 +1,1 @@
+"""memkv server package: the block store, its configuration and the TCP server."""

@@ -1,0 +1,120 @@
+"""Server settings: defaults, the TOML config file and command-line flags, in that order of
+precedence (flags win). Validation reports every problem at once."""
+import dataclasses
+import os
+import shutil
+import tomllib
+
+from ..errors import ConfigError
+from ..protocol import MAX_BATCH
+from ..units import format_size, parse_size
+
+DEFAULT_PORT = 9900
+
+
+def default_data_dir() -> str:
+    base = os.environ.get("MEMKV_DATA") or os.path.join(
+        os.environ.get("XDG_DATA_HOME") or os.path.expanduser("~/.local/share"), "memkv")
+    return base
+
+
+@dataclasses.dataclass
+class ServerConfig:
+    data: list[str] = dataclasses.field(default_factory=list)
+    capacity: int = 0                 # 0: default (fits the disk)
+    listen: str = f"127.0.0.1:{DEFAULT_PORT}"
+    durability: str = "sync"
+    secret_file: str | None = None
+    min_block: int = 4 << 10
+    max_block: int = 64 << 20
+    max_batch: int = MAX_BATCH
+    meta_dir: str | None = None       # journal + checkpoint; default: the first data directory
+    io_threads: int = 4
+    idle_timeout: float = 300.0
+    log_level: str = "INFO"
+
+    @property
+    def host_port(self) -> tuple[str, int]:
+        host, _, port = self.listen.rpartition(":")
+        return host.strip("[]") or "127.0.0.1", int(port)
+
+    def resolved(self) -> "ServerConfig":
+        """Fill defaults that depend on the machine, validate, and return a new config."""
+        c = dataclasses.replace(self)
+        if not c.data:
+            c.data = [default_data_dir()]
+        c.data = [os.path.abspath(os.path.expanduser(p)) for p in c.data]
+        dirs = [p for p in c.data if not _is_block_device(p)]
+        for d in dirs:
+            os.makedirs(d, exist_ok=True)
+        if c.meta_dir is None:
+            c.meta_dir = dirs[0] if dirs else os.path.join(default_data_dir(), "meta")
+        if not c.capacity:
+            free = sum(shutil.disk_usage(d).free for d in dirs) if dirs else 0
+            c.capacity = max(256 << 20, min(16 << 30, free // 2)) // (1 << 20) * (1 << 20)
+        problems = []
+        if c.durability not in ("sync", "async"):
+            problems.append(f"durability {c.durability!r} is not one of sync, async")
+        if not 4096 <= c.min_block <= c.max_block:
+            problems.append(f"block-size range {c.min_block}..{c.max_block} must satisfy "
+                            "4KiB <= min <= max")
+        if c.max_block > 1 << 30:
+            problems.append(f"max block {format_size(c.max_block)} is above the 1GiB limit")
+        if not 1 <= c.max_batch <= MAX_BATCH:
+            problems.append(f"max batch {c.max_batch} outside 1..{MAX_BATCH}")
+        if c.secret_file and not os.path.isfile(c.secret_file):
+            problems.append(f"secret file {c.secret_file} does not exist")
+        try:
+            c.host_port
+        except ValueError:
+            problems.append(f"listen address {c.listen!r} is not host:port")
+        if problems:
+            raise ConfigError("invalid server settings: " + "; ".join(problems))
+        return c
+
+    def data_files(self) -> list[str]:
+        return [p if _is_block_device(p) else os.path.join(p, "blocks.dat") for p in self.data]
+
+    def secret(self) -> bytes | None:
+        if not self.secret_file:
+            return None
+        with open(self.secret_file, "rb") as f:
+            s = f.read().strip()
+        if not s:
+            raise ConfigError(f"secret file {self.secret_file} is empty")
+        return s
+
+
+_SIZE_FIELDS = {"capacity", "min_block", "max_block"}
+
+
+def load(config_file: str | None, overrides: dict) -> ServerConfig:
+    """Defaults <- TOML file (keys as the long flags, e.g. max-block = "16MiB") <- flags."""
+    values: dict = {}
+    if config_file:
+        try:
+            with open(config_file, "rb") as f:
+                raw = tomllib.load(f)
+        except (OSError, tomllib.TOMLDecodeError) as e:
+            raise ConfigError(f"config file {config_file}: {e}") from e
+        raw = raw.get("server", raw)
+        fields = {f.name for f in dataclasses.fields(ServerConfig)}
+        unknown = [k for k in raw if k.replace("-", "_") not in fields]
+        if unknown:
+            raise ConfigError(f"config file {config_file}: unknown setting(s) {', '.join(unknown)}; "
+                              f"known: {', '.join(sorted(f.replace('_', '-') for f in fields))}")
+        values.update({k.replace("-", "_"): v for k, v in raw.items()})
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    if isinstance(values.get("data"), str):
+        values["data"] = [values["data"]]
+    for k in _SIZE_FIELDS & values.keys():
+        values[k] = parse_size(values[k], k.replace("_", "-"))
+    return ServerConfig(**values)
+
+
+def _is_block_device(path: str) -> bool:
+    import stat
+    try:
+        return stat.S_ISBLK(os.stat(path).st_mode)
+    except OSError:
+        return False

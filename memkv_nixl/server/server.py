@@ -1,0 +1,246 @@
+"""The memkv TCP server: accepts connections, authenticates them, and serves descriptor batches.
+
+One thread per connection; each request is parsed and planned in Python once per batch, and its
+bytes move in C (memkv_server_put/get) with the GIL released. A client that sends anything
+malformed gets an ERROR frame and is disconnected; no other client notices, and nothing that was
+acknowledged is lost.
+"""
+import hmac
+import json
+import logging
+import os
+import signal
+import socket
+import struct
+import threading
+
+from .. import native
+from ..errors import MemkvError, ProtocolError
+from ..protocol import (CHALLENGE, FRAME, HELLO, MAC_LEN, MAX_KEY, MAX_NAMESPACE, NONCE_LEN,
+                        REQ_DESC, VERSION, Op, Status, auth_mac, error_frame, pack_frame,
+                        unpack_frame)
+from .config import ServerConfig
+from .store import Store
+
+log = logging.getLogger("memkv.server")
+
+ARENA_BUDGET = 64 << 20  # staging bytes per connection: keeps several blocks in flight
+BATCH_OPS = {Op.PUT, Op.GET, Op.EXISTS, Op.DELETE, Op.PIN, Op.UNPIN}
+
+
+class _Refused(Exception):
+    """Ends a connection after an error frame was sent."""
+
+
+class Server:
+    def __init__(self, cfg: ServerConfig):
+        self.cfg = cfg
+        self.secret = cfg.secret()
+        native.io_start(cfg.io_threads)
+        self.store = Store(cfg.data_files(), cfg.meta_dir, cfg.capacity,
+                           sync=cfg.durability == "sync", min_block=cfg.min_block,
+                           max_block=cfg.max_block)
+        host, port = cfg.host_port
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.sock = socket.socket(family, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind((host, port))
+        self.sock.listen(128)
+        self.address = f"{host}:{self.sock.getsockname()[1]}"
+        self._conns: set[socket.socket] = set()
+        self._conns_lock = threading.Lock()
+        self._stopping = threading.Event()
+
+    # ---- lifecycle ---------------------------------------------------------------------------
+    def serve_forever(self) -> None:
+        log.info("memkv serving on %s (durability %s, auth %s)", self.address, self.cfg.durability,
+                 "on" if self.secret else "off")
+        while not self._stopping.is_set():
+            try:
+                conn, addr = self.sock.accept()
+            except OSError:
+                if self._stopping.is_set():
+                    break
+                raise
+            with self._conns_lock:
+                self._conns.add(conn)
+            threading.Thread(target=self._serve_connection, args=(conn, addr), daemon=True,
+                             name=f"memkv-conn-{addr[1]}").start()
+
+    def shutdown(self) -> None:
+        """Clean stop: no new connections, close the open ones, checkpoint the index."""
+        if self._stopping.is_set():
+            return
+        self._stopping.set()
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.sock.close()
+        with self._conns_lock:
+            conns = list(self._conns)
+        for c in conns:
+            try:
+                c.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        self.store.close()
+        log.info("memkv stopped cleanly")
+
+    # ---- one connection ----------------------------------------------------------------------
+    def _serve_connection(self, conn: socket.socket, addr) -> None:
+        peer = f"{addr[0]}:{addr[1]}"
+        fd = conn.fileno()
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        timeout = struct.pack("ll", int(self.cfg.idle_timeout), 0)
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeout)
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeout)
+        try:
+            ns_id = self._handshake(conn, fd, peer)
+            arena = native.Arena(ARENA_BUDGET)
+            while not self._stopping.is_set():
+                try:
+                    head = native.recv_exact(fd, FRAME.size)
+                except OSError:
+                    return  # closed or idle past the timeout between requests
+                self._serve_request(fd, ns_id, arena, unpack_frame(head, peer), peer)
+        except ProtocolError as e:
+            self.store.counters["bad_requests"] += 1
+            log.warning("client %s: %s; closing its connection", peer, e)
+            try:
+                native.send_all(fd, error_frame(Status.BAD_REQUEST, str(e)))
+            except OSError:
+                pass
+        except _Refused:
+            pass
+        except OSError as e:
+            log.info("client %s disconnected: %s", peer, e)
+        except Exception:  # a bug must not take the server down with it
+            log.exception("client %s: internal error; closing its connection", peer)
+        finally:
+            with self._conns_lock:
+                self._conns.discard(conn)
+            conn.close()
+
+    def _refuse(self, fd: int, status: Status, message: str) -> None:
+        try:
+            native.send_all(fd, error_frame(status, message))
+        except OSError:
+            pass
+        raise _Refused(message)
+
+    def _handshake(self, conn, fd: int, peer: str) -> int:
+        f = unpack_frame(native.recv_exact(fd, FRAME.size), peer)
+        if f.op != Op.HELLO or not HELLO.size <= f.body_len <= HELLO.size + MAX_NAMESPACE:
+            raise ProtocolError(f"expected HELLO with a body of {HELLO.size}..{HELLO.size + MAX_NAMESPACE}"
+                                f" bytes, got op {f.op} with {f.body_len}")
+        body = native.recv_exact(fd, f.body_len)
+        version, ns_len, _flags = HELLO.unpack_from(body)
+        if version != VERSION:
+            self._refuse(fd, Status.VERSION_MISMATCH, f"client speaks wire version {version}, server "
+                         f"{self.address} speaks {VERSION}; upgrade the older side")
+        ns_raw = bytes(body[HELLO.size:HELLO.size + ns_len])
+        if ns_len != f.body_len - HELLO.size or not ns_raw:
+            raise ProtocolError(f"HELLO namespace length {ns_len} does not match its frame")
+        try:
+            ns = ns_raw.decode()
+        except UnicodeDecodeError:
+            raise ProtocolError("namespace is not UTF-8") from None
+        nonce = os.urandom(NONCE_LEN)
+        cfg = self.cfg
+        native.send_all(fd, pack_frame(Op.HELLO, body_len=CHALLENGE.size) + CHALLENGE.pack(
+            VERSION, int(self.secret is not None), cfg.max_block, cfg.min_block, cfg.max_batch, nonce))
+        f = unpack_frame(native.recv_exact(fd, FRAME.size), peer)
+        if f.op != Op.AUTH or f.body_len != MAC_LEN:
+            raise ProtocolError(f"expected AUTH with a {MAC_LEN}-byte body, got op {f.op}")
+        mac = bytes(native.recv_exact(fd, MAC_LEN))
+        if self.secret is not None and not hmac.compare_digest(mac, auth_mac(self.secret, nonce, ns_raw)):
+            self.store.counters["auth_failures"] += 1
+            log.warning("client %s: authentication failed for namespace %r", peer, ns)
+            self._refuse(fd, Status.AUTH_FAILED, f"authentication failed at {self.address}: the "
+                         "shared secret does not match the server's --secret-file")
+        native.send_all(fd, pack_frame(Op.AUTH))
+        return self.store.namespace(ns)
+
+    def _serve_request(self, fd: int, ns_id: int, arena, f, peer: str) -> None:
+        if f.op == Op.STATS:
+            body = json.dumps({"server": self.address, **self.store.stats()}).encode()
+            native.send_all(fd, pack_frame(Op.STATS, req_id=f.req_id, body_len=len(body)) + body)
+            return
+        if f.op not in BATCH_OPS:
+            raise ProtocolError(f"unknown or unexpected op {f.op}")
+        if f.count > self.cfg.max_batch:
+            raise ProtocolError(f"batch of {f.count} descriptors exceeds the server's max batch "
+                                f"{self.cfg.max_batch}; split it")
+        if f.keys_len > f.count * MAX_KEY:
+            raise ProtocolError(f"keys blob of {f.keys_len} bytes is larger than {f.count} keys "
+                                f"of at most {MAX_KEY} bytes")
+        fixed = f.count * REQ_DESC.size + f.keys_len
+        if f.op == Op.PUT:
+            lo, hi = self.cfg.min_block, self.cfg.max_block
+        elif f.op == Op.GET:
+            lo, hi = 0, (1 << 64) - 1
+        else:
+            lo, hi = 0, 0
+        if f.body_len < fixed or (f.op != Op.PUT and f.body_len != fixed):
+            raise ProtocolError(f"frame body of {f.body_len} bytes does not match {f.count} "
+                                f"descriptors and {f.keys_len} key bytes")
+        table = native.recv_exact(fd, fixed)
+        payload = native.check_descs(table, f.count, f.keys_len, lo, hi)
+        if f.op == Op.PUT and f.body_len != fixed + payload:
+            raise ProtocolError(f"PUT body of {f.body_len} bytes does not match its descriptors "
+                                f"({fixed} + {payload} payload bytes)")
+        descs = list(REQ_DESC.iter_unpack(memoryview(table)[:f.count * REQ_DESC.size]))
+        base = f.count * REQ_DESC.size
+        keys = [bytes(table[base + d[2]:base + d[2] + d[3]]) for d in descs]
+        store = self.store
+        if f.op == Op.PUT:
+            addr = native.address_of(table) + base
+            ios, entries = store.plan_put(ns_id, keys, [d[0] for d in descs], [d[1] for d in descs],
+                                          [addr + d[2] for d in descs])
+            try:
+                arena.server_put(fd, ios, f.count)
+            finally:
+                statuses = store.commit_put(entries, ios)
+            native.send_all(fd, pack_frame(Op.PUT, req_id=f.req_id, count=f.count,
+                                           body_len=f.count) + bytes(statuses))
+        elif f.op == Op.GET:
+            addr = native.address_of(table) + base
+            ios, entries = store.plan_get(ns_id, keys, [d[0] for d in descs],
+                                          [addr + d[2] for d in descs])
+            try:
+                native.send_all(fd, pack_frame(Op.GET, req_id=f.req_id, count=f.count))
+                arena.server_get(fd, ios, f.count)
+            finally:
+                store.finish_get(ns_id, entries, ios)
+        else:
+            if f.op == Op.EXISTS:
+                statuses = store.exists(ns_id, keys)
+            elif f.op == Op.DELETE:
+                statuses = store.delete(ns_id, keys)
+            else:
+                statuses = store.pin(ns_id, keys, f.op == Op.PIN)
+            native.send_all(fd, pack_frame(f.op, req_id=f.req_id, count=f.count,
+                                           body_len=f.count) + bytes(statuses))
+
+
+def run(cfg: ServerConfig) -> None:
+    """Run a server in the foreground until SIGTERM/SIGINT, then stop cleanly."""
+    try:
+        server = Server(cfg)
+    except MemkvError as e:
+        log.error("%s", e)
+        raise SystemExit(2) from None
+    stop = threading.Event()
+
+    def on_signal(signum, _frame):
+        log.info("signal %d: stopping", signum)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    acceptor = threading.Thread(target=server.serve_forever, name="memkv-accept", daemon=True)
+    acceptor.start()
+    while not stop.wait(0.5) and acceptor.is_alive():
+        pass
+    server.shutdown()

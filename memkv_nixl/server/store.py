@@ -1,0 +1,615 @@
+"""The block store: index, placement on disk, eviction, journal, checkpoint and recovery.
+
+Layout: each data path is a ring of records (see memkv_nixl.diskformat). New blocks are written
+at the ring's head. Eviction policy (CLOCK on the ring): when the head reaches a block, the block
+is evicted unless it is pinned, was read since the head last passed (its reference bit), or is in
+use by a transfer; such a block keeps its place, its bit is cleared and the head skips over it.
+A put that finds no room within two laps gets Status.FULL (back-pressure, retried by clients).
+
+Durability: the index is rebuilt at start-up from the last checkpoint plus the journal written
+after it. In `sync` mode a put is acknowledged only after its data (O_DIRECT + fdatasync) and its
+journal record (fdatasync) are on disk; in `async` mode the journal is flushed every second.
+Gets verify each record's header and checksum in C; anything else is a miss, never wrong bytes.
+
+This module moves no block bytes itself: it only decides where they go (struct memkv_io rows)
+and keeps the index consistent. Callers hold no lock; every public method takes `self._lock`.
+"""
+import collections
+import logging
+import os
+import stat
+import threading
+import time
+import uuid
+from array import array
+
+from .. import native
+from ..diskformat import (ALIGN, CKPT_FILE, CKPT_HDR, CKPT_MAGIC, CKPT_TRAILER, FLAG_PINNED,
+                          FORMAT_VERSION, JOURNAL_HDR, JOURNAL_MAGIC, META_BODY, META_MAGIC,
+                          META_REC, SUPERBLOCK, SUPERBLOCK_LEN, SUPERBLOCK_MAGIC, MetaType,
+                          record_length)
+from ..errors import StoreError
+from ..protocol import Status
+
+log = logging.getLogger("memkv.store")
+
+CHECKPOINT_JOURNAL_BYTES = 32 << 20  # checkpoint once the journal holds this much
+SEQ_FENCE = 1 << 32                  # after recovery, new records never reuse a lost record's seq
+ASYNC_FLUSH_S = 1.0
+
+
+class Entry:
+    """One block: where it lives and its eviction state."""
+
+    __slots__ = ("ns", "key", "file", "off", "len", "csum", "seq", "pinned", "ref", "busy", "live")
+
+    def __init__(self, ns, key, file, off, length, csum, seq, pinned=False):
+        self.ns = ns
+        self.key = key
+        self.file = file
+        self.off = off
+        self.len = length
+        self.csum = csum
+        self.seq = seq
+        self.pinned = pinned
+        self.ref = False
+        self.busy = 0      # transfers using the slot (a write in flight, or reads)
+        self.live = True   # False once evicted/deleted/dropped; the ring forgets it lazily
+
+    @property
+    def reclen(self) -> int:
+        return record_length(self.len)
+
+
+class Namespace:
+    __slots__ = ("id", "name", "index", "bytes", "hits", "misses", "puts", "evictions")
+
+    def __init__(self, ns_id: int, name: str):
+        self.id = ns_id
+        self.name = name
+        self.index: dict[bytes, Entry] = {}
+        self.bytes = 0
+        self.hits = self.misses = self.puts = self.evictions = 0
+
+
+class DataFile:
+    """One data path: a preallocated file or a block device, used as a ring."""
+
+    def __init__(self, number: int, path: str, size: int, fd: int, file_uuid: bytes):
+        self.number = number
+        self.path = path
+        self.size = size
+        self.fd = fd
+        self.uuid = file_uuid
+        self.head = SUPERBLOCK_LEN
+        self.ring: collections.deque[Entry] = collections.deque()  # cyclic order from head
+
+
+def _open_data_path(path: str, size: int) -> tuple[int, int, bytes]:
+    """Open (creating/preallocating a regular file) a data path; returns (fd, size, uuid)."""
+    is_dev = os.path.exists(path) and stat.S_ISBLK(os.stat(path).st_mode)
+    flags = os.O_RDWR | os.O_DIRECT | (0 if is_dev else os.O_CREAT)
+    try:
+        fd = os.open(path, flags, 0o600)
+    except OSError as e:
+        raise StoreError(f"cannot open data path {path}: {e.strerror}; check that the directory "
+                         "exists, is writable and its filesystem supports O_DIRECT") from e
+    try:
+        actual = os.lseek(fd, 0, os.SEEK_END)
+        if is_dev:
+            size = min(size, actual) // ALIGN * ALIGN if size else actual // ALIGN * ALIGN
+        elif actual and actual > size:
+            raise StoreError(f"data file {path} holds {actual} bytes but the configured capacity "
+                             f"gives it {size}; shrinking loses blocks: raise --capacity or remove "
+                             "the data directory")
+        elif actual < size:
+            os.posix_fallocate(fd, 0, size)
+        sb = _read_aligned(fd, 0, SUPERBLOCK_LEN)
+        magic, version, _, file_uuid, _, _ = SUPERBLOCK.unpack_from(sb)
+        if magic != SUPERBLOCK_MAGIC or version != FORMAT_VERSION:
+            if magic == SUPERBLOCK_MAGIC:
+                raise StoreError(f"data path {path} has format version {version}, this server "
+                                 f"reads {FORMAT_VERSION}")
+            file_uuid = uuid.uuid4().bytes
+            block = bytearray(SUPERBLOCK_LEN)
+            SUPERBLOCK.pack_into(block, 0, SUPERBLOCK_MAGIC, FORMAT_VERSION, 0, file_uuid, size,
+                                 int(time.time()))
+            _write_aligned(fd, 0, block)
+            os.fdatasync(fd)
+        return fd, size, file_uuid
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _aligned(n: int):
+    import mmap  # anonymous mmap memory is page aligned, as O_DIRECT needs
+    return mmap.mmap(-1, n)
+
+
+def _read_aligned(fd: int, off: int, n: int) -> bytes:
+    buf = _aligned(n)
+    got = os.preadv(fd, [buf], off)
+    data = bytes(buf[:got])
+    buf.close()
+    return data.ljust(n, b"\0")
+
+
+def _write_aligned(fd: int, off: int, data: bytes) -> None:
+    buf = _aligned(len(data))
+    buf[:] = data
+    os.pwritev(fd, [buf], off)
+    buf.close()
+
+
+class Store:
+    def __init__(self, data_paths: list[str], meta_dir: str, capacity: int, *, sync: bool,
+                 min_block: int, max_block: int):
+        self.sync = sync
+        self.min_block = min_block
+        self.max_block = max_block
+        self.meta_dir = meta_dir
+        self._lock = threading.Lock()
+        self._jlock = threading.Lock()  # orders journal writes; held across write + fdatasync
+        self._jbuf = bytearray()
+        self._next_seq = 1
+        self.namespaces: dict[int, Namespace] = {}
+        self._ns_by_name: dict[str, Namespace] = {}
+        self.counters = collections.Counter()
+        self.startup_s = 0.0
+        self._closed = False
+        self._jfd = None
+        t0 = time.monotonic()
+        os.makedirs(meta_dir, exist_ok=True)
+        share = capacity // len(data_paths) // ALIGN * ALIGN
+        self.files: list[DataFile] = []
+        for i, path in enumerate(data_paths):
+            fd, size, file_uuid = _open_data_path(path, share)
+            if size - SUPERBLOCK_LEN < 2 * record_length(max_block):
+                raise StoreError(f"data path {path} gets {size} bytes, too small for two blocks of "
+                                 f"the maximum size {max_block}; raise --capacity or lower --max-block")
+            self.files.append(DataFile(i, path, size, fd, file_uuid))
+        self._rr = 0
+        self._journal_path = os.path.join(meta_dir, "journal")
+        self._ckpt_path = os.path.join(meta_dir, "index.ckpt")
+        blocks = self._recover()
+        self.startup_s = time.monotonic() - t0
+        log.info("store ready: %d blocks in %d namespaces, %d data path(s), %.1f GiB, recovered in "
+                 "%.3f s", blocks, len(self.namespaces), len(self.files),
+                 sum(f.size for f in self.files) / 2**30, self.startup_s)
+        self._stop = threading.Event()
+        self._flusher = threading.Thread(target=self._flush_loop, name="memkv-journal", daemon=True)
+        self._flusher.start()
+
+    # ---- namespaces ------------------------------------------------------------------------
+    def namespace(self, name: str) -> int:
+        with self._lock:
+            ns = self._ns_by_name.get(name)
+            if ns is None:
+                ns = self._add_namespace(len(self.namespaces) + 1, name)
+                self._journal(MetaType.NAMESPACE, ns.id, name.encode())
+        return ns.id
+
+    def _add_namespace(self, ns_id: int, name: str) -> Namespace:
+        ns = Namespace(ns_id, name)
+        self.namespaces[ns_id] = ns
+        self._ns_by_name[name] = ns
+        return ns
+
+    # ---- put -------------------------------------------------------------------------------
+    def plan_put(self, ns_id: int, keys: list[bytes], lens, csums, key_addrs) -> tuple[bytearray, list]:
+        """Decide each descriptor's fate: STORE at a fresh slot, or DRAIN (duplicate / FULL).
+        Returns the memkv_io rows for C and the new entries (None where nothing is written)."""
+        n = len(keys)
+        ios = bytearray(native.IO.size * n)
+        entries: list = [None] * n
+        ns = self.namespaces[ns_id]
+        with self._lock:
+            for i, key in enumerate(keys):
+                length = lens[i]
+                status = Status.OK
+                action = native.ACT_DRAIN
+                old = ns.index.get(key)
+                if old is None:
+                    placed = self._allocate(record_length(length))
+                    if placed is None:
+                        status = Status.FULL
+                    else:
+                        f, off = placed
+                        e = Entry(ns, key, f, off, length, csums[i], self._take_seq())
+                        e.busy = 1
+                        f.ring.append(e)
+                        entries[i] = e
+                        action = native.ACT_STORE
+                e = entries[i]
+                native.IO.pack_into(ios, i * native.IO.size, e.file.fd if e else -1, ns_id,
+                                    e.off if e else 0, length, csums[i], e.seq if e else 0, 0,
+                                    key_addrs[i], len(key), action, status, native.RES_PRESET)
+        return ios, entries
+
+    def commit_put(self, entries: list, ios: bytearray) -> list[Status]:
+        """After C wrote the blocks: make the good ones visible and durable, return statuses."""
+        statuses = [Status(s) for s in ios[native.IO_STATUS_AT::native.IO.size]]
+        results = ios[native.IO_RESULT_AT::native.IO.size]
+        if self.sync:
+            for fd in {e.file.fd for e in entries if e is not None}:
+                os.fdatasync(fd)
+        with self._lock:
+            for i, e in enumerate(entries):
+                if e is None:
+                    continue
+                e.busy -= 1
+                ns = e.ns
+                if results[i] != native.RES_OK:
+                    e.live = False
+                    if results[i] == native.RES_BAD_CSUM:
+                        self.counters["put_checksum_mismatch"] += 1
+                    continue
+                if e.key in ns.index:  # a concurrent put of the same key committed first
+                    e.live = False
+                    continue
+                ns.index[e.key] = e
+                ns.bytes += e.len
+                ns.puts += 1
+                self._journal(MetaType.PUT, ns.id, e.key, e.file.number, e.seq, e.off, e.len, e.csum)
+        if self.sync:
+            self._flush_journal(True)
+        return statuses
+
+    def _take_seq(self) -> int:
+        seq = self._next_seq
+        self._next_seq += 1
+        return seq
+
+    def _allocate(self, reclen: int):
+        """Place a record of reclen bytes; returns (file, off) or None when nothing is evictable."""
+        n = len(self.files)
+        for k in range(n):  # round-robin over data paths, falling back to the others when full
+            f = self.files[(self._rr + k) % n]
+            off = self._allocate_in(f, reclen)
+            if off is not None:
+                self._rr = (self._rr + k + 1) % n
+                return f, off
+        return None
+
+    def _allocate_in(self, f: DataFile, reclen: int):
+        ring = f.ring
+        travelled = 0
+        limit = 2 * f.size  # two laps: every reference bit is cleared by the first
+        while travelled <= limit:
+            if f.head + reclen > f.size:
+                travelled += f.size - f.head
+                # the tail of the file is skipped this lap; blocks there come last from offset 0
+                tail = 0
+                for e in ring:
+                    if e.off < f.head:
+                        break
+                    tail += 1
+                ring.rotate(-tail)
+                f.head = SUPERBLOCK_LEN
+                continue
+            end = f.head + reclen
+            while ring and ring[0].off < end and ring[0].off >= f.head:
+                e = ring[0]
+                if not e.live:
+                    ring.popleft()
+                elif e.pinned or e.busy or e.ref:
+                    e.ref = False
+                    ring.rotate(-1)
+                    travelled += e.off + e.reclen - f.head
+                    f.head = e.off + e.reclen
+                    break
+                else:
+                    ring.popleft()
+                    self._evict(e)
+            else:
+                off = f.head
+                f.head = end
+                return off
+        return None
+
+    def _evict(self, e: Entry) -> None:
+        e.live = False
+        ns = e.ns
+        if ns.index.get(e.key) is e:
+            del ns.index[e.key]
+            ns.bytes -= e.len
+            ns.evictions += 1
+            self.counters["evictions"] += 1
+            self._journal(MetaType.EVICT, ns.id, e.key, e.file.number, e.seq)
+
+    # ---- get -------------------------------------------------------------------------------
+    def plan_get(self, ns_id: int, keys: list[bytes], caps, key_addrs) -> tuple[bytearray, list]:
+        n = len(keys)
+        ios = bytearray(native.IO.size * n)
+        entries: list = [None] * n
+        ns = self.namespaces[ns_id]
+        with self._lock:
+            for i, key in enumerate(keys):
+                e = ns.index.get(key)
+                action, status = native.ACT_REPLY, Status.MISS
+                if e is not None:
+                    if e.len > caps[i]:
+                        status = Status.BUFFER_TOO_SMALL
+                    else:
+                        e.busy += 1
+                        e.ref = True
+                        entries[i] = e
+                        action, status = native.ACT_LOAD, Status.OK
+                native.IO.pack_into(ios, i * native.IO.size, e.file.fd if e else -1, ns_id,
+                                    e.off if e else 0, e.len if e else 0, e.csum if e else 0,
+                                    e.seq if e else 0, caps[i], key_addrs[i], len(key), action,
+                                    status, native.RES_PRESET)
+        return ios, entries
+
+    def finish_get(self, ns_id: int, entries: list, ios: bytearray) -> None:
+        results = ios[native.IO_RESULT_AT::native.IO.size]
+        ns = self.namespaces[ns_id]
+        with self._lock:
+            for i, e in enumerate(entries):
+                r = results[i]
+                if e is None:
+                    if r == native.RES_PRESET:
+                        ns.misses += 1
+                    continue
+                e.busy -= 1
+                if r == native.RES_OK:
+                    ns.hits += 1
+                elif r == native.RES_PRESET:
+                    pass  # the client went away before this one
+                else:
+                    ns.misses += 1
+                    what = {native.RES_STALE: "stale", native.RES_CORRUPT: "corrupt",
+                            native.RES_IO: "io_error"}[r]
+                    self.counters[f"get_{what}"] += 1
+                    log.warning("dropping %s block %s/%s at %s+%d (seq %d): served as a miss",
+                                what, ns.name, e.key.hex(), e.file.path, e.off, e.seq)
+                    self._drop(e)
+
+    def _drop(self, e: Entry) -> None:
+        if e.live and e.ns.index.get(e.key) is e:
+            del e.ns.index[e.key]
+            e.ns.bytes -= e.len
+            self._journal(MetaType.DELETE, e.ns.id, e.key, e.file.number, e.seq)
+        e.live = False
+
+    # ---- metadata ops ------------------------------------------------------------------------
+    def exists(self, ns_id: int, keys: list[bytes]) -> list[Status]:
+        index = self.namespaces[ns_id].index
+        with self._lock:
+            return [Status.OK if k in index else Status.MISS for k in keys]
+
+    def delete(self, ns_id: int, keys: list[bytes]) -> list[Status]:
+        return self._update(ns_id, keys, self._drop)
+
+    def pin(self, ns_id: int, keys: list[bytes], pinned: bool) -> list[Status]:
+        kind = MetaType.PIN if pinned else MetaType.UNPIN
+
+        def apply(e):
+            if e.pinned != pinned:
+                e.pinned = pinned
+                self._journal(kind, e.ns.id, e.key, e.file.number, e.seq)
+        return self._update(ns_id, keys, apply)
+
+    def _update(self, ns_id, keys, apply) -> list[Status]:
+        index = self.namespaces[ns_id].index
+        out = []
+        with self._lock:
+            for k in keys:
+                e = index.get(k)
+                if e is None:
+                    out.append(Status.MISS)
+                else:
+                    apply(e)
+                    out.append(Status.OK)
+        if self.sync:
+            self._flush_journal(True)
+        return out
+
+    def stats(self, ns_id: int | None = None) -> dict:
+        with self._lock:
+            used = sum(e.reclen for f in self.files for e in f.ring if e.live)
+            nss = {ns.name: {"blocks": len(ns.index), "bytes": ns.bytes, "hits": ns.hits,
+                             "misses": ns.misses, "puts": ns.puts, "evictions": ns.evictions,
+                             "pinned": sum(1 for e in ns.index.values() if e.pinned)}
+                   for ns in self.namespaces.values() if ns_id is None or ns.id == ns_id}
+            return {"capacity_bytes": sum(f.size - SUPERBLOCK_LEN for f in self.files),
+                    "used_bytes": used, "blocks": sum(len(ns.index) for ns in self.namespaces.values()),
+                    "durability": "sync" if self.sync else "async",
+                    "block_size_range": [self.min_block, self.max_block],
+                    "startup_seconds": round(self.startup_s, 4), "counters": dict(self.counters),
+                    "data_paths": [f.path for f in self.files], "namespaces": nss}
+
+    # ---- journal -----------------------------------------------------------------------------
+    def _journal(self, kind, ns_id, key, file=0, seq=0, off=0, length=0, csum=0, flags=0) -> None:
+        """Append one record to the in-memory journal buffer (caller holds self._lock)."""
+        _pack_meta(self._jbuf, kind, ns_id, key, file, seq, off, length, csum, flags)
+
+    def _flush_journal(self, durable: bool) -> None:
+        with self._jlock:
+            with self._lock:
+                data, self._jbuf = self._jbuf, bytearray()
+            if data:
+                os.write(self._jfd, data)
+                self._jsize += len(data)
+            if durable and (data or self._jdirty):
+                os.fdatasync(self._jfd)
+                self._jdirty = False
+            elif data:
+                self._jdirty = True
+            big = self._jsize > CHECKPOINT_JOURNAL_BYTES
+        if big:
+            self.checkpoint()
+
+    def _flush_loop(self) -> None:
+        while not self._stop.wait(ASYNC_FLUSH_S):
+            try:
+                self._flush_journal(True)
+            except OSError as e:  # keep serving; the next flush retries
+                log.error("journal flush failed: %s", e)
+
+    # ---- checkpoint and recovery ----------------------------------------------------------------
+    def checkpoint(self) -> None:
+        """Write the whole index as a new checkpoint and start a fresh journal."""
+        with self._jlock, self._lock:
+            self._jbuf = bytearray()  # pending records are part of the index the checkpoint holds
+            records = bytearray()
+            for ns in self.namespaces.values():
+                _pack_meta(records, MetaType.NAMESPACE, ns.id, ns.name.encode())
+            count = len(self.namespaces)
+            for ns in self.namespaces.values():
+                for e in ns.index.values():
+                    _pack_meta(records, MetaType.PUT, ns.id, e.key, e.file.number, e.seq, e.off,
+                               e.len, e.csum, FLAG_PINNED if e.pinned else 0)
+                    count += 1
+            next_id = self._journal_id + 1
+            head = CKPT_HDR.pack(CKPT_MAGIC, FORMAT_VERSION, 0, self._journal_id, self._next_seq,
+                                 len(self.files), count)
+            head += b"".join(CKPT_FILE.pack(f.uuid, f.head) for f in self.files)
+            body = head + records
+            body += CKPT_TRAILER.pack(native.xxh3(body))
+            _atomic_write(self._ckpt_path, body)
+            self._open_journal(next_id)
+            log.info("checkpoint: %d records, %.1f MiB, journal %d", count, len(body) / 2**20, next_id)
+
+    def _open_journal(self, journal_id: int) -> None:
+        if self._jfd is not None:
+            os.close(self._jfd)
+        _atomic_write(self._journal_path, JOURNAL_HDR.pack(JOURNAL_MAGIC, FORMAT_VERSION, 0, journal_id))
+        self._jfd = os.open(self._journal_path, os.O_WRONLY | os.O_APPEND)
+        self._journal_id = journal_id
+        self._jsize = 0
+        self._jdirty = False
+
+    def _recover(self) -> int:
+        by_uuid = {f.uuid: f for f in self.files}
+        heads: dict[DataFile, int] = {}
+        covered = 0
+        self._journal_id = 0
+        if os.path.exists(self._ckpt_path):
+            with open(self._ckpt_path, "rb") as fh:
+                data = fh.read()
+            if (len(data) < CKPT_HDR.size + 8 or native.xxh3(data[:-8]) !=
+                    CKPT_TRAILER.unpack_from(data, len(data) - 8)[0]):
+                raise StoreError(f"checkpoint {self._ckpt_path} is damaged; move it away to start "
+                                 "with the journal only (blocks written before it are then lost)")
+            magic, version, _, covered, next_seq, n_files, n_rec = CKPT_HDR.unpack_from(data)
+            if magic != CKPT_MAGIC or version != FORMAT_VERSION:
+                raise StoreError(f"checkpoint {self._ckpt_path} has an unknown format")
+            pos = CKPT_HDR.size
+            file_map = {}
+            for i in range(n_files):
+                fu, head = CKPT_FILE.unpack_from(data, pos)
+                pos += CKPT_FILE.size
+                if fu in by_uuid:
+                    file_map[i] = by_uuid[fu]
+                    heads[by_uuid[fu]] = head
+                else:
+                    log.warning("data file #%d of the checkpoint is no longer configured; its "
+                                "blocks are dropped", i)
+            self._next_seq = next_seq
+            self._replay(memoryview(data)[pos:pos + n_rec * META_REC.size], file_map)
+            self._journal_id = covered
+        file_map = {f.number: f for f in self.files}
+        if os.path.exists(self._journal_path):
+            with open(self._journal_path, "rb") as fh:
+                data = fh.read()
+            if len(data) >= JOURNAL_HDR.size:
+                magic, version, _, jid = JOURNAL_HDR.unpack_from(data)
+                if magic == JOURNAL_MAGIC and jid > covered:
+                    body = memoryview(data)[JOURNAL_HDR.size:]
+                    n = self._replay(body, file_map)
+                    if n * META_REC.size < len(body):
+                        log.warning("journal: ignored a torn tail of %d bytes",
+                                    len(body) - n * META_REC.size)
+                    self._next_seq += SEQ_FENCE
+                    self._journal_id = jid
+        for f in self.files:
+            self._rebuild_ring(f, heads.get(f))
+        self.checkpoint()  # the next start reads one compact checkpoint
+        return sum(len(ns.index) for ns in self.namespaces.values())
+
+    def _replay(self, records: memoryview, files: dict) -> int:
+        """Apply META records in order; stops at the first damaged one. Returns records applied."""
+        count = len(records) // META_REC.size
+        sums = native.xxh3_strided(records, count, META_REC.size, META_BODY)
+        for i, rec in enumerate(META_REC.iter_unpack(records[:count * META_REC.size])):
+            magic, kind, klen, fno, ns_id, flags, seq, off, length, csum, key, crc = rec
+            if magic != META_MAGIC or crc != sums[i]:
+                return i
+            key = key[:klen]
+            self._next_seq = max(self._next_seq, seq + 1)
+            if kind == MetaType.NAMESPACE:
+                if ns_id not in self.namespaces:
+                    self._add_namespace(ns_id, key.decode())
+                continue
+            ns = self.namespaces.get(ns_id)
+            if ns is None:
+                continue
+            cur = ns.index.get(key)
+            if kind == MetaType.PUT:
+                f = files.get(fno)
+                if f is None or off + record_length(length) > f.size:
+                    continue
+                if cur is not None:
+                    ns.bytes -= cur.len
+                e = Entry(ns, key, f, off, length, csum, seq, bool(flags & FLAG_PINNED))
+                ns.index[key] = e
+                ns.bytes += length
+            elif cur is not None and kind in (MetaType.EVICT, MetaType.DELETE):
+                if kind == MetaType.DELETE or cur.seq == seq:
+                    del ns.index[key]
+                    ns.bytes -= cur.len
+            elif cur is not None and kind in (MetaType.PIN, MetaType.UNPIN):
+                cur.pinned = kind == MetaType.PIN
+        return count
+
+    def _rebuild_ring(self, f: DataFile, head) -> None:
+        entries = sorted((e for ns in self.namespaces.values() for e in ns.index.values()
+                          if e.file is f), key=lambda e: e.off)
+        if entries:
+            newest = max(entries, key=lambda e: e.seq)
+            head = newest.off + newest.reclen
+        f.head = head if head else SUPERBLOCK_LEN
+        after = [e for e in entries if e.off >= f.head]
+        before = [e for e in entries if e.off < f.head]
+        f.ring = collections.deque(after + before)
+
+    def close(self) -> None:
+        """Clean stop: flush, checkpoint, close files."""
+        if self._closed:
+            return
+        self._closed = True
+        self._stop.set()
+        self._flusher.join()
+        self._flush_journal(True)
+        self.checkpoint()
+        os.close(self._jfd)
+        for f in self.files:
+            os.close(f.fd)
+
+
+def _pack_meta(buf: bytearray, kind, ns_id, key, file=0, seq=0, off=0, length=0, csum=0,
+               flags=0) -> None:
+    """Append one journal/checkpoint record (with its checksum) to buf."""
+    start = len(buf)
+    buf += bytes(META_REC.size)
+    META_REC.pack_into(buf, start, META_MAGIC, kind, len(key), file, ns_id, flags, seq, off, length,
+                       csum, key, 0)
+    with memoryview(buf)[start:start + META_BODY] as body:
+        crc = native.xxh3(body)
+    buf[start + META_BODY:start + META_REC.size] = crc.to_bytes(8, "little")
+
+
+def _atomic_write(path: str, data: bytes) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    dfd = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)

@@ -1,0 +1,1 @@
+"""Data-path providers. tcp: everywhere (the only one implemented so far)."""

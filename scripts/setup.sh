@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Set up memkv on a fresh Debian/Ubuntu machine: system packages, .venv/ at the repository root,
+# the package (native module compiled) and its test/benchmark extras. Safe to run again.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need=()
+for pkg in gcc libxxhash-dev python3-venv python3-dev redis-server iproute2 util-linux; do
+  dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
+done
+if [ ${#need[@]} -gt 0 ]; then
+  SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
+  echo "setup: installing Debian packages: ${need[*]}"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+.venv/bin/python -m pip install -q --upgrade pip
+.venv/bin/python -m pip install -q -e ".[test,bench]"
+.venv/bin/python -c "import memkv_nixl.native" # fails loudly on a stale or missing native build
+echo "setup: done (.venv/bin/memkv)"
