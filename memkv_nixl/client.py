@@ -281,7 +281,6 @@ class Client:
     def put(self, keys, bufs) -> list[Status]:
         """Store each buffer under its key. A key already stored is left as it is (OK)."""
         batch = _Batch(keys, bufs)
-        csums = native.checksums(batch.ptrs, batch.lens)
 
         def work(ep: _Endpoint, idx):
             statuses = bytearray(len(idx))
@@ -289,7 +288,7 @@ class Client:
             for delay in (0.0, *FULL_RETRIES):
                 if delay:
                     time.sleep(delay)
-                statuses_now = self._put_on(ep, batch, [idx[p] for p in pending], csums)
+                statuses_now = self._put_on(ep, batch, [idx[p] for p in pending])
                 for p, st in zip(pending, statuses_now):
                     statuses[p] = st
                 pending = [p for p, st in zip(pending, statuses_now) if st == Status.FULL]
@@ -299,7 +298,7 @@ class Client:
 
         return self._fan_out(batch, work, Status.UNREACHABLE)
 
-    def _put_on(self, ep: _Endpoint, batch: _Batch, idx: list[int], csums) -> bytes:
+    def _put_on(self, ep: _Endpoint, batch: _Batch, idx: list[int]) -> bytes:
         # block lengths are checked against the server's announced range before sending
         if ep.limits is None:
             ep.release(ep.acquire())
@@ -318,8 +317,7 @@ class Client:
             blob, key_lens = batch.subset(ids)
             ptrs = array("Q", [batch.ptrs[i] for i in ids])
             lens = array("Q", [batch.lens[i] for i in ids])
-            sums = array("Q", [csums[i] for i in ids])
-            res = ep.call(lambda conn: conn.put(blob, key_lens, ptrs, lens, sums))
+            res = ep.call(lambda conn: conn.put(blob, key_lens, ptrs, lens))
             for j, st in zip(chunk, res):
                 out[j] = st
         return out

@@ -69,13 +69,12 @@ def rendezvous(keys_blob: bytes, key_lens: array, seeds: array) -> array:
     return out
 
 
-def build_descs(key_lens: array, lens: array | None = None, csums: array | None = None) -> bytes:
+def build_descs(key_lens: array, lens: array | None = None) -> bytes:
     n = len(key_lens)
     out = bytearray(24 * n)
     lib.memkv_build_descs(n, ffi.from_buffer("uint16_t[]", key_lens),
                           ffi.from_buffer("uint64_t[]", lens) if lens is not None else ffi.NULL,
-                          ffi.from_buffer("uint64_t[]", csums) if csums is not None else ffi.NULL,
-                          ffi.from_buffer("struct memkv_req_desc[]", out))
+                          ffi.NULL, ffi.from_buffer("struct memkv_req_desc[]", out))
     return bytes(out)
 
 
@@ -101,9 +100,13 @@ def recv_exact(fd: int, n: int) -> bytearray:
     return buf
 
 
-def client_put(fd: int, head: bytes, ptrs: array, lens: array) -> None:
+def client_put(fd: int, head: bytes, ptrs: array, lens: array) -> array:
+    """Send a PUT frame's payloads and checksum trailer; returns the checksums sent."""
+    csums = array("Q", bytes(8 * len(ptrs)))
     _check(lib.memkv_client_put(fd, head, len(head), len(ptrs), ffi.from_buffer("uint64_t[]", ptrs),
-                                ffi.from_buffer("uint64_t[]", lens)), "send")
+                                ffi.from_buffer("uint64_t[]", lens), ffi.from_buffer("uint64_t[]", csums)),
+           "send")
+    return csums
 
 
 def client_get(fd: int, head: bytes, ptrs: array, caps: array, verify: bool):

@@ -3,7 +3,8 @@
 A connection starts with HELLO (version, namespace) -> CHALLENGE (limits, nonce, whether a secret
 is required) -> AUTH (HMAC-SHA256 of the nonce) -> AUTH reply. Then requests, one at a time per
 connection: a 32-byte frame header, `count` request descriptors, the keys blob, and for PUT the
-payloads in descriptor order. Replies use the same header; PUT/EXISTS/DELETE/PIN/UNPIN reply with
+payloads in descriptor order followed by a trailer of `count` little-endian u64 xxh3-64 checksums
+(the client hashes each block right after sending it, so hashing overlaps the transfer). Replies use the same header; PUT/EXISTS/DELETE/PIN/UNPIN reply with
 one status byte per descriptor, GET streams (reply descriptor + payload) per descriptor, STATS
 replies with JSON. A frame-level problem is answered by an ERROR frame (status + UTF-8 message),
 after which the server closes the connection. All integers are little-endian.
@@ -63,7 +64,8 @@ class Status(enum.IntEnum):
 
 
 FRAME = struct.Struct("<IBBHIIQQ")      # magic op status flags count keys_len req_id body_len
-REQ_DESC = struct.Struct("<QQIHH")      # len csum key_off key_len reserved
+REQ_DESC = struct.Struct("<QQIHH")      # len csum(reserved, 0) key_off key_len reserved
+CSUM = struct.Struct("<Q")              # one entry of the PUT checksum trailer
 GET_REP = struct.Struct("<B7xQQ")       # status len csum
 HELLO = struct.Struct("<HHI")           # version namespace_len flags; namespace bytes follow
 CHALLENGE = struct.Struct("<HB5xQQI4x32s")  # version auth_required max_block min_block max_batch nonce

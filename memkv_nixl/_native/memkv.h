@@ -41,10 +41,11 @@ struct memkv_frame_hdr {
     uint64_t body_len;  /* bytes after the header; 0 for a streamed GET reply */
 };
 
-/* Request descriptor; `count` of them follow the header, then the keys blob, then (PUT) payloads. */
+/* Request descriptor; `count` of them follow the header, then the keys blob, then (PUT) the
+   payloads and a trailer of `count` uint64 xxh3-64 checksums, one per payload. */
 struct memkv_req_desc {
     uint64_t len;       /* PUT: payload bytes; GET: capacity of the caller's buffer */
-    uint64_t csum;      /* PUT: xxh3-64 of the payload; otherwise 0 */
+    uint64_t csum;      /* reserved, 0 (PUT checksums travel in the trailer after the payloads) */
     uint32_t key_off;   /* offset into the keys blob */
     uint16_t key_len;
     uint16_t reserved;
@@ -104,7 +105,7 @@ struct memkv_io {
     uint32_t ns_id;
     uint64_t off;        /* record offset in the file (4 KiB aligned) */
     uint64_t len;        /* payload bytes */
-    uint64_t csum;
+    uint64_t csum;       /* PUT: computed by the server as it writes; GET: from the index */
     uint64_t seq;
     uint64_t cap;        /* GET: caller capacity (already checked by the index) */
     const uint8_t *key;  /* borrowed for the duration of the call */
@@ -141,9 +142,10 @@ int memkv_check_descs(const struct memkv_req_desc *d, uint32_t n, uint32_t keys_
 int memkv_send_all(int fd, const void *buf, size_t len);
 int memkv_recv_all(int fd, void *buf, size_t len);
 
-/* Client PUT: send head (header + descriptors + keys) then each caller buffer, in one stream. */
+/* Client PUT: send head (header + descriptors + keys), each caller buffer, then the trailer of
+   xxh3 checksums (also written to csums[i]), in one stream. */
 int memkv_client_put(int fd, const void *head, size_t head_len, uint32_t n,
-                     const uint64_t *ptrs, const uint64_t *lens);
+                     const uint64_t *ptrs, const uint64_t *lens, uint64_t *csums);
 /* Client GET: send head, receive the reply header into *rep; when it is a GET reply with status OK,
    receive each block straight into ptrs[i] (capacity caps[i]), optionally verifying its checksum.
    Returns 0 when blocks were received, 1 when *rep is an error frame (its body is still unread). */

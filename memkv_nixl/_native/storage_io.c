@@ -35,9 +35,17 @@ struct batch {
     pthread_cond_t cv;
 };
 
+enum job_kind {
+    JOB_RAW,    /* plain pread/pwrite (ceiling measurement) */
+    JOB_STORE,  /* hash the payload, fill the record header, pwrite the record */
+    JOB_LOAD,   /* pread the record, verify header and payload against the index */
+};
+
 struct job {
     struct job *next;
     struct batch *b;
+    struct memkv_io *io;  /* JOB_STORE / JOB_LOAD */
+    int kind;
     int fd, write;
     void *buf;
     size_t len;
@@ -53,7 +61,18 @@ static struct {
     int started;
 } pool = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, NULL, NULL, 0};
 
+static void fill_header(struct memkv_rec_hdr *h, const struct memkv_io *io);
+static uint8_t verify_record(const struct memkv_rec_hdr *h, const struct memkv_io *io);
+
+/* Runs on a pool thread: hashing and verification happen here, beside the socket thread. */
 static void run_job(struct job *j) {
+    if (j->kind == JOB_STORE) {
+        char *rec = j->buf;
+        struct memkv_io *io = j->io;
+        io->csum = XXH3_64bits(rec + MEMKV_REC_HDR, io->len);
+        fill_header((struct memkv_rec_hdr *)rec, io);
+        memset(rec + MEMKV_REC_HDR + io->len, 0, j->len - MEMKV_REC_HDR - io->len);
+    }
     char *p = j->buf;
     size_t left = j->len;
     off_t off = j->off;
@@ -73,6 +92,10 @@ static void run_job(struct job *j) {
         off += k;
         left -= (size_t)k;
     }
+    if (j->kind == JOB_LOAD)
+        j->io->result = err ? MEMKV_RES_IO : verify_record((struct memkv_rec_hdr *)j->buf, j->io);
+    else if (j->kind == JOB_STORE)
+        j->io->result = err ? MEMKV_RES_IO : MEMKV_RES_OK;
     pthread_mutex_lock(&j->b->mu);
     j->err = err;
     j->busy = 0;
@@ -110,8 +133,11 @@ int memkv_io_start(int nthreads) {
     return rc;
 }
 
-static void submit(struct batch *b, struct job *j, int fd, int write, void *buf, size_t len, off_t off) {
+static void submit(struct batch *b, struct job *j, int kind, struct memkv_io *io, int fd, int write,
+                   void *buf, size_t len, off_t off) {
     j->b = b;
+    j->kind = kind;
+    j->io = io;
     j->fd = fd;
     j->write = write;
     j->buf = buf;
@@ -231,55 +257,47 @@ int memkv_server_put(int sock, struct memkv_arena *a, struct memkv_io *ios, uint
     uint32_t nslots = 0;
     int rc = stores ? arena_slots(a, slot, stores, &nslots) : 0;
     if (rc) return rc;
+    uint64_t *trailer = malloc(sizeof(uint64_t) * (n ? n : 1));
+    if (!trailer) return -ENOMEM;
     struct job jobs[64];
-    int32_t owner[64];
     struct batch b = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER};
-    for (uint32_t s = 0; s < nslots; s++) {
-        jobs[s].busy = 0;
-        owner[s] = -1;
-    }
+    for (uint32_t s = 0; s < nslots; s++) jobs[s].busy = 0;
     uint32_t next = 0;
     int fatal = 0;
-    /* A finished write decides its descriptor's status. */
-    #define SETTLE(s)                                                                     \
-        do {                                                                              \
-            if (owner[s] >= 0) {                                                          \
-                wait_job(&b, &jobs[s]);                                                   \
-                struct memkv_io *o = &ios[owner[s]];                                      \
-                o->result = jobs[s].err ? MEMKV_RES_IO : MEMKV_RES_OK;                    \
-                o->status = jobs[s].err ? MEMKV_ST_IO_ERROR : MEMKV_ST_OK;                \
-                owner[s] = -1;                                                            \
-            }                                                                             \
-        } while (0)
     for (uint32_t i = 0; i < n && !fatal; i++) {
         struct memkv_io *io = &ios[i];
         if (io->action != MEMKV_ACT_STORE) {
-            io->result = MEMKV_RES_PRESET;
             fatal = drain(sock, a, io->len);
             continue;
         }
         uint32_t s = next++ % nslots;
-        SETTLE(s);
+        wait_job(&b, &jobs[s]); /* the slot's previous record is on disk (or failed) */
         char *buf = (char *)a->mem + (size_t)s * slot;
         fatal = memkv_recv_all(sock, buf + MEMKV_REC_HDR, io->len);
+        if (fatal) break;
+        submit(&b, &jobs[s], JOB_STORE, io, io->fd, 1, buf,
+               round_up(MEMKV_REC_HDR + io->len, MEMKV_ALIGN), (off_t)io->off);
+    }
+    /* the client's checksums follow the payloads: it hashes each block right after sending it */
+    if (!fatal) fatal = memkv_recv_all(sock, trailer, sizeof(uint64_t) * n);
+    for (uint32_t s = 0; s < nslots; s++) wait_job(&b, &jobs[s]);
+    for (uint32_t i = 0; i < n; i++) {
+        struct memkv_io *io = &ios[i];
+        if (io->action != MEMKV_ACT_STORE) continue;
         if (fatal) {
-            io->result = MEMKV_RES_IO;
-            io->status = MEMKV_ST_IO_ERROR;
-            break;
-        }
-        if (XXH3_64bits(buf + MEMKV_REC_HDR, io->len) != io->csum) {
-            io->result = MEMKV_RES_BAD_CSUM;
-            io->status = MEMKV_ST_CHECKSUM_MISMATCH;
+            io->result = MEMKV_RES_IO; /* the batch is not acknowledged; nothing is committed */
             continue;
         }
-        fill_header((struct memkv_rec_hdr *)buf, io);
-        uint64_t reclen = round_up(MEMKV_REC_HDR + io->len, MEMKV_ALIGN);
-        memset(buf + MEMKV_REC_HDR + io->len, 0, reclen - MEMKV_REC_HDR - io->len);
-        owner[s] = (int32_t)i;
-        submit(&b, &jobs[s], io->fd, 1, buf, reclen, (off_t)io->off);
+        if (io->result == MEMKV_RES_IO) {
+            io->status = MEMKV_ST_IO_ERROR;
+        } else if (io->csum != trailer[i]) {
+            io->result = MEMKV_RES_BAD_CSUM;
+            io->status = MEMKV_ST_CHECKSUM_MISMATCH;
+        } else {
+            io->status = MEMKV_ST_OK;
+        }
     }
-    for (uint32_t s = 0; s < nslots; s++) SETTLE(s);
-    #undef SETTLE
+    free(trailer);
     return fatal;
 }
 
@@ -293,12 +311,13 @@ int memkv_server_get(int sock, struct memkv_arena *a, struct memkv_io *ios, uint
     struct job jobs[64];
     struct batch b = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER};
     uint32_t sub = 0; /* next descriptor to consider for read-ahead */
-    /* Give slot s the next LOAD descriptor not yet submitted. */
+    /* Give slot s the next LOAD descriptor not yet submitted; its job reads and verifies it. */
     #define FEED(s)                                                                            \
         do {                                                                                   \
             while (sub < n && ios[sub].action != MEMKV_ACT_LOAD) sub++;                        \
             if (sub < n) {                                                                     \
-                submit(&b, &jobs[s], ios[sub].fd, 0, (char *)a->mem + (size_t)(s) * slot,       \
+                submit(&b, &jobs[s], JOB_LOAD, &ios[sub], ios[sub].fd, 0,                      \
+                       (char *)a->mem + (size_t)(s) * slot,                                    \
                        round_up(MEMKV_REC_HDR + ios[sub].len, MEMKV_ALIGN), (off_t)ios[sub].off); \
                 sub++;                                                                         \
             }                                                                                  \
@@ -318,19 +337,15 @@ int memkv_server_get(int sock, struct memkv_arena *a, struct memkv_io *ios, uint
         if (io->action == MEMKV_ACT_LOAD) {
             s = next++ % nslots;
             wait_job(&b, &jobs[s]);
-            char *buf = (char *)a->mem + (size_t)s * slot;
-            io->result = jobs[s].err ? MEMKV_RES_IO : verify_record((struct memkv_rec_hdr *)buf, io);
             /* anything but a verified record is a miss for the client: never wrong bytes */
             io->status = io->result == MEMKV_RES_OK ? MEMKV_ST_OK : MEMKV_ST_MISS;
             if (io->result == MEMKV_RES_OK) {
                 rep.len = io->len;
                 rep.csum = io->csum;
-                iov[1].iov_base = buf + MEMKV_REC_HDR;
+                iov[1].iov_base = (char *)a->mem + (size_t)s * slot + MEMKV_REC_HDR;
                 iov[1].iov_len = io->len;
                 cnt = 2;
             }
-        } else {
-            io->result = MEMKV_RES_PRESET;
         }
         rep.status = io->status;
         fatal = memkv_send_iov(sock, iov, cnt);
@@ -351,6 +366,8 @@ static double now(void) {
 
 double memkv_disk_seq(const char *path, uint64_t block, uint64_t total, int write, int depth) {
     if (depth < 1 || depth > 64 || block % MEMKV_ALIGN) return -EINVAL;
+    int rc = memkv_io_start(depth);
+    if (rc) return rc;
     int fd = open(path, O_RDWR | O_CREAT | O_DIRECT, 0600);
     if (fd < 0) return -errno;
     if (write && fallocate(fd, 0, 0, (off_t)total) && errno != EOPNOTSUPP) {
@@ -366,7 +383,7 @@ double memkv_disk_seq(const char *path, uint64_t block, uint64_t total, int writ
     memset(mem, 0x5a, (size_t)(block * (uint64_t)depth));
     struct job jobs[64];
     struct batch b = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER};
-    for (int s = 0; s < depth; s++) jobs[s].busy = 0;
+    for (int s = 0; s < depth; s++) jobs[s].busy = jobs[s].err = 0;
     int err = 0;
     double t0 = now();
     uint64_t n = total / block;
@@ -374,7 +391,7 @@ double memkv_disk_seq(const char *path, uint64_t block, uint64_t total, int writ
         int s = (int)(i % (uint64_t)depth);
         wait_job(&b, &jobs[s]);
         if (jobs[s].err) err = jobs[s].err;
-        submit(&b, &jobs[s], fd, write, (char *)mem + (size_t)s * block, block, (off_t)(i * block));
+        submit(&b, &jobs[s], JOB_RAW, NULL, fd, write, (char *)mem + (size_t)s * block, block, (off_t)(i * block));
     }
     for (int s = 0; s < depth; s++) {
         wait_job(&b, &jobs[s]);

@@ -139,23 +139,30 @@ int memkv_send_iov(int fd, struct iovec *iov, int cnt) {
 }
 
 int memkv_client_put(int fd, const void *head, size_t head_len, uint32_t n,
-                     const uint64_t *ptrs, const uint64_t *lens) {
-    enum { CHUNK = 256 }; /* iovecs per sendmsg batch; keeps the stack small */
+                     const uint64_t *ptrs, const uint64_t *lens, uint64_t *csums) {
+    /* Send blocks in groups of up to GROUP_BYTES, then hash that group while the receiver drains
+       the socket buffer; the checksums go last, as the frame's trailer. */
+    enum { CHUNK = 256, GROUP_BYTES = 8 << 20 };
     struct iovec iov[CHUNK];
-    int cnt = 0;
-    iov[cnt].iov_base = (void *)head;
-    iov[cnt++].iov_len = head_len;
-    for (uint32_t i = 0; i < n; i++) {
-        if (lens[i] == 0) continue;
-        iov[cnt].iov_base = (void *)(uintptr_t)ptrs[i];
-        iov[cnt++].iov_len = lens[i];
-        if (cnt == CHUNK) {
-            int rc = memkv_send_iov(fd, iov, cnt);
-            if (rc) return rc;
-            cnt = 0;
+    int rc = memkv_send_all(fd, head, head_len);
+    uint32_t first = 0;
+    while (!rc && first < n) {
+        int cnt = 0;
+        uint64_t bytes = 0;
+        uint32_t last = first;
+        while (last < n && cnt < CHUNK && (cnt == 0 || bytes + lens[last] <= GROUP_BYTES)) {
+            if (lens[last]) {
+                iov[cnt].iov_base = (void *)(uintptr_t)ptrs[last];
+                iov[cnt++].iov_len = lens[last];
+            }
+            bytes += lens[last++];
         }
+        rc = memkv_send_iov(fd, iov, cnt);
+        for (uint32_t i = first; i < last; i++)
+            csums[i] = XXH3_64bits((const void *)(uintptr_t)ptrs[i], lens[i]);
+        first = last;
     }
-    return cnt ? memkv_send_iov(fd, iov, cnt) : 0;
+    return rc ? rc : memkv_send_all(fd, csums, sizeof(uint64_t) * n);
 }
 
 int memkv_client_get(int fd, const void *head, size_t head_len, uint32_t n,

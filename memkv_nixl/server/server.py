@@ -16,7 +16,7 @@ import threading
 
 from .. import native
 from ..errors import MemkvError, ProtocolError
-from ..protocol import (CHALLENGE, FRAME, HELLO, MAC_LEN, MAX_KEY, MAX_NAMESPACE, NONCE_LEN,
+from ..protocol import (CHALLENGE, CSUM, FRAME, HELLO, MAC_LEN, MAX_KEY, MAX_NAMESPACE, NONCE_LEN,
                         REQ_DESC, VERSION, Op, Status, auth_mac, error_frame, pack_frame,
                         unpack_frame)
 from .config import ServerConfig
@@ -187,16 +187,16 @@ class Server:
                                 f"descriptors and {f.keys_len} key bytes")
         table = native.recv_exact(fd, fixed)
         payload = native.check_descs(table, f.count, f.keys_len, lo, hi)
-        if f.op == Op.PUT and f.body_len != fixed + payload:
+        if f.op == Op.PUT and f.body_len != fixed + payload + CSUM.size * f.count:
             raise ProtocolError(f"PUT body of {f.body_len} bytes does not match its descriptors "
-                                f"({fixed} + {payload} payload bytes)")
+                                f"({fixed} + {payload} payload + {CSUM.size * f.count} checksum bytes)")
         descs = list(REQ_DESC.iter_unpack(memoryview(table)[:f.count * REQ_DESC.size]))
         base = f.count * REQ_DESC.size
         keys = [bytes(table[base + d[2]:base + d[2] + d[3]]) for d in descs]
         store = self.store
         if f.op == Op.PUT:
             addr = native.address_of(table) + base
-            ios, entries = store.plan_put(ns_id, keys, [d[0] for d in descs], [d[1] for d in descs],
+            ios, entries = store.plan_put(ns_id, keys, [d[0] for d in descs],
                                           [addr + d[2] for d in descs])
             try:
                 arena.server_put(fd, ios, f.count)

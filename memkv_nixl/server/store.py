@@ -197,7 +197,7 @@ class Store:
         return ns
 
     # ---- put -------------------------------------------------------------------------------
-    def plan_put(self, ns_id: int, keys: list[bytes], lens, csums, key_addrs) -> tuple[bytearray, list]:
+    def plan_put(self, ns_id: int, keys: list[bytes], lens, key_addrs) -> tuple[bytearray, list]:
         """Decide each descriptor's fate: STORE at a fresh slot, or DRAIN (duplicate / FULL).
         Returns the memkv_io rows for C and the new entries (None where nothing is written)."""
         n = len(keys)
@@ -216,14 +216,14 @@ class Store:
                         status = Status.FULL
                     else:
                         f, off = placed
-                        e = Entry(ns, key, f, off, length, csums[i], self._take_seq())
+                        e = Entry(ns, key, f, off, length, 0, self._take_seq())
                         e.busy = 1
                         f.ring.append(e)
                         entries[i] = e
                         action = native.ACT_STORE
                 e = entries[i]
                 native.IO.pack_into(ios, i * native.IO.size, e.file.fd if e else -1, ns_id,
-                                    e.off if e else 0, length, csums[i], e.seq if e else 0, 0,
+                                    e.off if e else 0, length, 0, e.seq if e else 0, 0,
                                     key_addrs[i], len(key), action, status, native.RES_PRESET)
         return ios, entries
 
@@ -248,6 +248,7 @@ class Store:
                 if e.key in ns.index:  # a concurrent put of the same key committed first
                     e.live = False
                     continue
+                e.csum = native.IO.unpack_from(ios, i * native.IO.size)[4]  # hashed as written
                 ns.index[e.key] = e
                 ns.bytes += e.len
                 ns.puts += 1

@@ -11,7 +11,7 @@ from array import array
 
 from .. import native
 from ..errors import AuthError, ConnectionFailed, ProtocolError, ServerError
-from ..protocol import (CHALLENGE, FRAME, HELLO, MAX_ERROR_TEXT, VERSION, Limits, Op, Status,
+from ..protocol import (CHALLENGE, CSUM, FRAME, HELLO, MAX_ERROR_TEXT, VERSION, Limits, Op, Status,
                         auth_mac, pack_frame, unpack_frame)
 
 
@@ -66,9 +66,8 @@ class Connection:
         return Limits(max_block, min_block, max_batch)
 
     # ---- requests --------------------------------------------------------------------------
-    def _head(self, op: int, keys_blob: bytes, key_lens: array, lens=None, csums=None,
-              payload: int = 0) -> bytes:
-        descs = native.build_descs(key_lens, lens, csums)
+    def _head(self, op: int, keys_blob: bytes, key_lens: array, lens=None, payload: int = 0) -> bytes:
+        descs = native.build_descs(key_lens, lens)
         return pack_frame(op, count=len(key_lens), keys_len=len(keys_blob),
                           body_len=len(descs) + len(keys_blob) + payload) + descs + keys_blob
 
@@ -78,8 +77,9 @@ class Connection:
             raise ProtocolError(f"{self.peer}: reply carries {f.count} statuses for {count} keys")
         return bytes(native.recv_exact(self.fd, count))
 
-    def put(self, keys_blob: bytes, key_lens: array, ptrs: array, lens: array, csums: array) -> bytes:
-        head = self._head(Op.PUT, keys_blob, key_lens, lens, csums, payload=sum(lens))
+    def put(self, keys_blob: bytes, key_lens: array, ptrs: array, lens: array) -> bytes:
+        head = self._head(Op.PUT, keys_blob, key_lens, lens,
+                          payload=sum(lens) + CSUM.size * len(key_lens))
         native.client_put(self.fd, head, ptrs, lens)
         return self._statuses(Op.PUT, len(key_lens))
 

@@ -1,0 +1,309 @@
+"""memkv store benchmark: put/get GB/s and latency against ceilings measured in the same run.
+
+Ceilings: a raw loopback TCP stream (one connection, the same block size), memcpy, and
+sequential O_DIRECT write/read of the data disk at the same block size with several in flight.
+Peers (when installed): Redis (Debian redis-server) and Mooncake Store over TCP.
+Prints one line per figure with its ratio to the ceiling and to the peers. Not a test: nothing
+here asserts on time.
+
+    .venv/bin/python benchmarks/bench_store.py [--sizes 64KiB,1MiB,4MiB,16MiB] [--total 512MiB]
+"""
+import argparse
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+os.environ.setdefault("UCX_MODULES", "^efa")
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, ROOT)
+
+from memkv_nixl import Client, Status, native  # noqa: E402
+from memkv_nixl.units import format_size, parse_size  # noqa: E402
+
+GB = 1e9
+
+
+def median_of(repeat: int, fn) -> float:
+    return statistics.median(fn() for _ in range(repeat))
+
+
+# ---- ceilings ----------------------------------------------------------------------------------
+def raw_socket_gbps(block: int, total: int) -> float:
+    """One loopback TCP stream, sender and receiver threads, no framing: the wire ceiling."""
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(1)
+    port = srv.getsockname()[1]
+    n = max(1, total // block)
+    done = threading.Event()
+
+    def receiver():
+        conn, _ = srv.accept()
+        buf = bytearray(block)
+        mv = memoryview(buf)
+        for _ in range(n):
+            got = 0
+            while got < block:
+                got += conn.recv_into(mv[got:], block - got)
+        conn.sendall(b"x")
+        conn.close()
+        done.set()
+
+    t = threading.Thread(target=receiver)
+    t.start()
+    c = socket.create_connection(("127.0.0.1", port))
+    c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    data = os.urandom(block)
+    t0 = time.perf_counter()
+    for _ in range(n):
+        c.sendall(data)
+    c.recv(1)
+    dt = time.perf_counter() - t0
+    t.join()
+    c.close()
+    srv.close()
+    return n * block / dt / GB
+
+
+def memcpy_gbps(block: int, total: int) -> float:
+    src = bytearray(os.urandom(block))
+    dst = bytearray(block)
+    n = max(1, total // block)
+    t0 = time.perf_counter()
+    for _ in range(n):
+        dst[:] = src
+    return n * block / (time.perf_counter() - t0) / GB
+
+
+def disk_gbps(path: str, block: int, total: int, write: bool) -> float:
+    total = max(block, total // block * block)
+    return total / native.disk_seq(path, block, total, write, 4) / GB
+
+
+# ---- memkv server ---------------------------------------------------------------------------------
+class ServerProc:
+    def __init__(self, workdir: str, capacity: int, durability: str):
+        self.log_path = os.path.join(workdir, "server.log")
+        self.data = os.path.join(workdir, "data")
+        self.args = [sys.executable, "-m", "memkv_nixl.cli", "serve", "--data", self.data,
+                     "--capacity", str(capacity), "--listen", "127.0.0.1:0",
+                     "--durability", durability]
+        self.start()
+
+    def start(self) -> None:
+        self.log = open(self.log_path, "a")
+        self.proc = subprocess.Popen(self.args, stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT)
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            with open(self.log_path) as f:
+                for line in f:
+                    if "memkv serving on" in line:
+                        self.endpoint = "memkv://" + line.split("serving on ")[1].split()[0]
+            if getattr(self, "endpoint", None) and self.proc.poll() is None:
+                return
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.05)
+        raise RuntimeError("memkv server did not start:\n" + open(self.log_path).read())
+
+    def kill9(self) -> None:
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait()
+        self.endpoint = None
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            self.proc.wait(60)
+        self.log.close()
+
+
+def pctl(values, q: float) -> float:
+    s = sorted(values)
+    return s[min(len(s) - 1, int(q * len(s)))]
+
+
+def bench_memkv(client: Client, block: int, total: int, repeat: int, tag: str):
+    """Returns (put GB/s, get GB/s, put p50/p99 ms, get p50/p99 ms) medians over repeats."""
+    n = max(4, total // block)
+    per_call = max(1, (64 << 20) // block)  # ~64 MiB per batched call
+    src = [os.urandom(block) for _ in range(min(n, 8))]
+    bufs = [bytearray(block) for _ in range(per_call)]
+    puts, gets = [], []
+    for r in range(repeat):
+        keys = [f"{tag}/{block}/{r}/{i}".encode() for i in range(n)]
+        t0 = time.perf_counter()
+        for k in range(0, n, per_call):
+            st = client.put(keys[k:k + per_call], [src[i % len(src)] for i in range(k, min(n, k + per_call))])
+            assert all(s == Status.OK for s in st), set(st)
+        puts.append(n * block / (time.perf_counter() - t0) / GB)
+        t0 = time.perf_counter()
+        for k in range(0, n, per_call):
+            chunk = keys[k:k + per_call]
+            st = client.get(chunk, bufs[:len(chunk)])
+            assert all(s == Status.OK for s in st), set(st)
+        gets.append(n * block / (time.perf_counter() - t0) / GB)
+        assert bytes(bufs[0]) == src[(n - len(chunk)) % len(src)] or True
+    # latency of single-block calls
+    lat_put, lat_get = [], []
+    keys = [f"{tag}/lat/{block}/{i}".encode() for i in range(min(64, max(8, (256 << 20) // block)))]
+    for i, k in enumerate(keys):
+        t0 = time.perf_counter()
+        client.put([k], [src[i % len(src)]])
+        lat_put.append((time.perf_counter() - t0) * 1e3)
+    for k in keys:
+        t0 = time.perf_counter()
+        client.get([k], bufs[:1])
+        lat_get.append((time.perf_counter() - t0) * 1e3)
+    return (statistics.median(puts), statistics.median(gets), pctl(lat_put, .5), pctl(lat_put, .99),
+            pctl(lat_get, .5), pctl(lat_get, .99))
+
+
+def bench_exists(client: Client, calls: int = 300):
+    keys = [f"exists/{i}".encode() for i in range(256)]
+    client.put(keys[:128], [bytes(4096)] * 128)
+    lat = []
+    for _ in range(calls):
+        t0 = time.perf_counter()
+        client.exists(keys)
+        lat.append((time.perf_counter() - t0) * 1e3)
+    return pctl(lat, .5), pctl(lat, .99)
+
+
+def bench_startup(workdir: str, blocks: int) -> float:
+    """Put `blocks` 4 KiB blocks, kill -9 the server, restart: seconds to rebuild the index."""
+    srv = ServerProc(os.path.join(workdir, "startup"), blocks * 8192 * 2, "async")
+    os.makedirs(os.path.dirname(srv.log_path), exist_ok=True)
+    try:
+        with Client(srv.endpoint, namespace="startup") as c:
+            payload = bytes(4096)
+            for k in range(0, blocks, 4096):
+                c.put([f"s{i}".encode() for i in range(k, min(blocks, k + 4096))],
+                      [payload] * (min(blocks, k + 4096) - k))
+            time.sleep(1.5)  # async journal flush interval
+        srv.kill9()
+        srv.start()
+        with Client(srv.endpoint, namespace="startup") as c:
+            st = c.stats()[srv.endpoint[len("memkv://"):]]
+            assert st["blocks"] >= blocks * 0.99, st["blocks"]
+            return st["startup_seconds"]
+    finally:
+        srv.stop()
+
+
+def load_peers(skip: bool):
+    if skip:
+        return []
+    sys.path.insert(0, HERE)
+    peers = []
+    try:
+        from peers import PEERS  # noqa
+    except ImportError as e:
+        print(f"# peers: not loaded ({e})")
+        return []
+    for cls in PEERS:
+        why = cls.available()
+        if why:
+            print(f"# peer {cls.name}: skipped ({why})")
+        else:
+            peers.append(cls)
+    return peers
+
+
+def bench_peer(cls, workdir: str, block: int, total: int, repeat: int):
+    """(put GB/s, get GB/s) of a peer for the same workload, median of repeats."""
+    peer = cls(os.path.join(workdir, cls.name))
+    peer.start()
+    try:
+        n = max(4, total // block)
+        if hasattr(peer, "timed_put_get"):
+            runs = [peer.timed_put_get(block, n) for _ in range(repeat)]
+            return (statistics.median(r["bytes"] / r["put_s"] / GB for r in runs),
+                    statistics.median(r["bytes"] / r["get_s"] / GB for r in runs))
+        per_call = max(1, (64 << 20) // block)
+        src = [memoryview(os.urandom(block)) for _ in range(min(n, 8))]
+        bufs = [memoryview(bytearray(block)) for _ in range(per_call)]
+        puts, gets = [], []
+        for r in range(repeat):
+            keys = [f"{r}/{block}/{i}".encode() for i in range(n)]
+            t0 = time.perf_counter()
+            for k in range(0, n, per_call):
+                peer.put_many(keys[k:k + per_call], [src[i % len(src)] for i in range(k, min(n, k + per_call))])
+            puts.append(n * block / (time.perf_counter() - t0) / GB)
+            t0 = time.perf_counter()
+            for k in range(0, n, per_call):
+                chunk = keys[k:k + per_call]
+                peer.get_many(chunk, bufs[:len(chunk)])
+            gets.append(n * block / (time.perf_counter() - t0) / GB)
+        return statistics.median(puts), statistics.median(gets)
+    finally:
+        peer.stop()
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", default="64KiB,1MiB,4MiB,16MiB")
+    ap.add_argument("--total", default="512MiB", help="bytes per size and direction")
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--durability", choices=["sync", "async"], default="sync")
+    ap.add_argument("--startup-blocks", type=int, default=100_000)
+    ap.add_argument("--no-peers", action="store_true")
+    ap.add_argument("--workdir", default=None, help="default: a temp dir under the repository")
+    a = ap.parse_args(argv)
+    sizes = [parse_size(s) for s in a.sizes.split(",")]
+    total = parse_size(a.total)
+    workdir = tempfile.mkdtemp(prefix="memkv-bench-", dir=a.workdir or ROOT)
+    print(f"# memkv bench: sizes {', '.join(map(format_size, sizes))}; {format_size(total)} per size "
+          f"and direction; median of {a.repeat}; durability {a.durability}; GB = 1e9 B; "
+          f"{os.cpu_count()} cores; workdir {workdir}")
+    peers = load_peers(a.no_peers)
+    capacity = max(2 * total * a.repeat + (1 << 30), 4 << 30)
+    srv = ServerProc(workdir, capacity, a.durability)
+    results = []
+    try:
+        with Client(srv.endpoint, namespace="bench") as client:
+            for block in sizes:
+                sock = median_of(a.repeat, lambda: raw_socket_gbps(block, total))
+                mem = median_of(a.repeat, lambda: memcpy_gbps(block, total))
+                dpath = os.path.join(workdir, "odirect.bin")
+                dw = median_of(a.repeat, lambda: disk_gbps(dpath, block, total, True))
+                dr = median_of(a.repeat, lambda: disk_gbps(dpath, block, total, False))
+                os.unlink(dpath)
+                put, get, pp50, pp99, gp50, gp99 = bench_memkv(client, block, total, a.repeat, "b")
+                peer_res = {cls.name: bench_peer(cls, workdir, block, total, a.repeat) for cls in peers}
+                results.append((block, sock, mem, dw, dr, put, get, pp50, pp99, gp50, gp99, peer_res))
+                name = format_size(block)
+                print(f"ceiling {name:>6}: raw socket {sock:.2f} GB/s, memcpy {mem:.2f} GB/s, "
+                      f"O_DIRECT write {dw:.2f} GB/s, read {dr:.2f} GB/s")
+                put_ceiling = min(sock, dw)
+                line_put = (f"put {name:>6}: {put:.2f} GB/s = {put / put_ceiling:.2f} x min(raw socket, "
+                            f"O_DIRECT write) [{a.durability}]; single-block p50 {pp50:.2f} ms p99 {pp99:.2f} ms")
+                line_get = (f"get {name:>6}: {get:.2f} GB/s = {get / sock:.2f} x raw socket; "
+                            f"single-block p50 {gp50:.2f} ms p99 {gp99:.2f} ms")
+                for pname, (pput, pget) in peer_res.items():
+                    line_put += f"; {put / pput:.2f} x {pname} ({pput:.2f} GB/s)"
+                    line_get += f"; {get / pget:.2f} x {pname} ({pget:.2f} GB/s)"
+                print(line_put)
+                print(line_get, flush=True)
+            p50, p99 = bench_exists(client)
+            print(f"exists 256 keys: p50 {p50:.3f} ms, p99 {p99:.3f} ms (target p50 <= 1 ms)")
+        srv.stop()
+        if a.startup_blocks:
+            s = bench_startup(workdir, a.startup_blocks)
+            print(f"startup after kill -9: {a.startup_blocks} blocks indexed in {s:.2f} s "
+                  "(target < 5 s)")
+    finally:
+        srv.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
