@@ -22,7 +22,8 @@ from .transport.tcp import Connection
 log = logging.getLogger("memkv.client")
 
 DEFAULT_PORT = 9900
-FULL_RETRIES = (0.05, 0.2, 0.8)     # back-off (s) before re-sending puts refused with FULL
+FULL_RETRIES = (0.05, 0.2, 0.8)
+DEDUP_CHECK_BYTES = 4 << 20         # puts at least this large ask which keys exist first     # back-off (s) before re-sending puts refused with FULL
 BACKOFF_MIN, BACKOFF_MAX = 0.5, 30.0
 
 
@@ -314,6 +315,15 @@ class Client:
                             batch.keys[i][:16], batch.lens[i], ep.name, lo, hi)
         for chunk in self._chunks(ep, send):
             ids = [idx[j] for j in chunk]
+            if sum(batch.lens[i] for i in ids) >= DEDUP_CHECK_BYTES:
+                # content-addressed blocks are often stored already (shared prefixes): one
+                # EXISTS round trip saves sending them again
+                blob, key_lens = batch.subset(ids)
+                present = ep.call(lambda conn: conn.keyed(Op.EXISTS, blob, key_lens))
+                chunk = [j for j, p in zip(chunk, present) if p != Status.OK]
+                ids = [idx[j] for j in chunk]
+                if not ids:
+                    continue
             blob, key_lens = batch.subset(ids)
             ptrs = array("Q", [batch.ptrs[i] for i in ids])
             lens = array("Q", [batch.lens[i] for i in ids])

@@ -4,8 +4,13 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+BENCH=0
+if [ "${1:-}" = "--bench" ]; then BENCH=1; fi
+
+pkgs=(gcc libxxhash-dev python3-venv python3-dev redis-server iproute2 util-linux)
+if [ $BENCH = 1 ]; then pkgs+=(libibverbs1); fi  # Mooncake's wheel links it even without RDMA
 need=()
-for pkg in gcc libxxhash-dev python3-venv python3-dev redis-server iproute2 util-linux; do
+for pkg in "${pkgs[@]}"; do
   dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
 done
 if [ ${#need[@]} -gt 0 ]; then
@@ -18,6 +23,9 @@ fi
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -m pip install -q -e ".[test,bench]"
+.venv/bin/python -m pip install -q -e ".[test]"
+if [ $BENCH = 1 ]; then
+  .venv/bin/python -m pip install -q "mooncake-transfer-engine-non-cuda==0.3.13.post1"
+fi
 .venv/bin/python -c "import memkv_nixl.native" # fails loudly on a stale or missing native build
 echo "setup: done (.venv/bin/memkv)"

@@ -50,8 +50,13 @@ class ServerConfig:
         if c.meta_dir is None:
             c.meta_dir = dirs[0] if dirs else os.path.join(default_data_dir(), "meta")
         if not c.capacity:
-            free = sum(shutil.disk_usage(d).free for d in dirs) if dirs else 0
-            c.capacity = max(256 << 20, min(16 << 30, free // 2)) // (1 << 20) * (1 << 20)
+            existing = [os.path.getsize(p) for p in c.data_files()
+                        if os.path.isfile(p) and not _is_block_device(p)]
+            if existing and len(existing) == len(c.data):
+                c.capacity = sum(existing)  # an existing store keeps its size
+            else:
+                free = sum(shutil.disk_usage(d).free for d in dirs) if dirs else 0
+                c.capacity = max(256 << 20, min(16 << 30, free // 2)) // (1 << 20) * (1 << 20)
         problems = []
         if c.durability not in ("sync", "async"):
             problems.append(f"durability {c.durability!r} is not one of sync, async")

@@ -1,0 +1,104 @@
+"""Fixtures: real memkv server processes on loopback with their own data directories and logs."""
+import os
+
+os.environ.setdefault("UCX_MODULES", "^efa")  # before anything may load NIXL/UCX
+
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from memkv_nixl import Client
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+READY_DEADLINE_S = 60
+
+
+class MemkvServer:
+    """One `memkv serve` process. Port 0 is asked for and the real one read from the log, so
+    parallel tests never race for ports; a restart reuses the same port and data."""
+
+    def __init__(self, tmp_path, name: str, *, capacity="256MiB", durability="sync", extra=()):
+        self.dir = tmp_path / name
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.data = self.dir / "data"
+        self.log_path = self.dir / "server.log"
+        self.port = 0
+        self.capacity = capacity
+        self.durability = durability
+        self.extra = list(extra)
+        self.proc = None
+        self.start()
+
+    @property
+    def endpoint(self) -> str:
+        return f"memkv://127.0.0.1:{self.port}"
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        args = [sys.executable, "-m", "memkv_nixl.cli", "serve", "--data", str(self.data),
+                "--capacity", str(self.capacity), "--listen", f"127.0.0.1:{self.port}",
+                "--durability", self.durability, *self.extra]
+        start_at = self.log_path.stat().st_size if self.log_path.exists() else 0
+        self._log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(args, stdout=self._log, stderr=subprocess.STDOUT, cwd=ROOT)
+        deadline = time.time() + READY_DEADLINE_S
+        while time.time() < deadline:
+            text = self.log_path.read_bytes()[start_at:].decode(errors="replace")
+            if "memkv serving on" in text:
+                self.port = int(text.split("memkv serving on ")[1].split()[0].rsplit(":", 1)[1])
+                return
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.05)
+        self.kill9()
+        raise RuntimeError(f"memkv server did not become ready; log:\n{self.log()}")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def client(self, namespace="test", **kw) -> Client:
+        return Client([self.endpoint], namespace=namespace, **kw)
+
+    def stop(self) -> int:
+        """Clean stop (SIGTERM); returns the exit code."""
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            self.proc.wait(60)
+        self._log.close()
+        return self.proc.returncode
+
+    def kill9(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(30)
+        self._log.close()
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+
+@pytest.fixture
+def memkv_server(tmp_path):
+    """Factory: memkv_server(name="s0", capacity=..., durability=..., extra=[...])."""
+    servers = []
+
+    def make(name="s0", **kw):
+        s = MemkvServer(tmp_path, name, **kw)
+        servers.append(s)
+        return s
+
+    yield make
+    for s in servers:
+        s.kill9()
+
+
+@pytest.fixture
+def server(memkv_server):
+    return memkv_server()
