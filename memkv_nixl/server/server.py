@@ -11,7 +11,6 @@ import logging
 import os
 import signal
 import socket
-import struct
 import threading
 
 from .. import native
@@ -19,12 +18,14 @@ from ..errors import MemkvError, ProtocolError
 from ..protocol import (CHALLENGE, CSUM, FRAME, HELLO, MAC_LEN, MAX_KEY, MAX_NAMESPACE, NONCE_LEN,
                         REQ_DESC, VERSION, Op, Status, auth_mac, error_frame, pack_frame,
                         unpack_frame)
+from ..transport.tcp import set_timeouts
 from .config import ServerConfig
 from .store import Store
 
 log = logging.getLogger("memkv.server")
 
 ARENA_BUDGET = 64 << 20  # staging bytes per connection: keeps several blocks in flight
+HANDSHAKE_TIMEOUT_S = 10
 BATCH_OPS = {Op.PUT, Op.GET, Op.EXISTS, Op.DELETE, Op.PIN, Op.UNPIN}
 
 
@@ -92,11 +93,10 @@ class Server:
         peer = f"{addr[0]}:{addr[1]}"
         fd = conn.fileno()
         conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        timeout = struct.pack("ll", int(self.cfg.idle_timeout), 0)
-        conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeout)
-        conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeout)
         try:
+            set_timeouts(conn, HANDSHAKE_TIMEOUT_S)  # a silent stranger must not hold a thread
             ns_id = self._handshake(conn, fd, peer)
+            set_timeouts(conn, self.cfg.idle_timeout)
             arena = native.Arena(ARENA_BUDGET)
             while not self._stopping.is_set():
                 try:

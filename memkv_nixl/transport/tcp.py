@@ -15,6 +15,13 @@ from ..protocol import (CHALLENGE, CSUM, FRAME, HELLO, MAX_ERROR_TEXT, VERSION, 
                         auth_mac, pack_frame, unpack_frame)
 
 
+def set_timeouts(sock: socket.socket, seconds: float) -> None:
+    """Kernel send/receive timeouts, so the fd stays blocking for the C data path."""
+    tv = struct.pack("ll", int(seconds), int((seconds % 1) * 1e6))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
+
+
 class Connection:
     def __init__(self, host: str, port: int, namespace: bytes, secret: bytes | None, timeout: float):
         self.peer = f"{host}:{port}"
@@ -23,9 +30,7 @@ class Connection:
         except OSError as e:
             raise ConnectionFailed(f"cannot connect to memkv server {self.peer}: {e.strerror or e}") from e
         self.sock.settimeout(None)  # blocking fd for C; the kernel timeouts below bound each call
-        tv = struct.pack("ll", int(timeout), int((timeout % 1) * 1e6))
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
+        set_timeouts(self.sock, timeout)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.fd = self.sock.fileno()
         try:
