@@ -91,6 +91,7 @@ def disk_gbps(path: str, block: int, total: int, write: bool) -> float:
 # ---- memkv server ---------------------------------------------------------------------------------
 class ServerProc:
     def __init__(self, workdir: str, capacity: int, durability: str):
+        os.makedirs(workdir, exist_ok=True)
         self.log_path = os.path.join(workdir, "server.log")
         self.data = os.path.join(workdir, "data")
         self.args = [sys.executable, "-m", "memkv_nixl.cli", "serve", "--data", self.data,
@@ -100,17 +101,16 @@ class ServerProc:
 
     def start(self) -> None:
         self.log = open(self.log_path, "a")
+        seen = self.log.tell()  # only this start's lines count
         self.proc = subprocess.Popen(self.args, stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT)
         deadline = time.time() + 120
-        while time.time() < deadline:
+        while time.time() < deadline and self.proc.poll() is None:
             with open(self.log_path) as f:
-                for line in f:
-                    if "memkv serving on" in line:
-                        self.endpoint = "memkv://" + line.split("serving on ")[1].split()[0]
-            if getattr(self, "endpoint", None) and self.proc.poll() is None:
+                f.seek(seen)
+                text = f.read()
+            if "memkv serving on" in text:
+                self.endpoint = "memkv://" + text.split("serving on ")[1].split()[0]
                 return
-            if self.proc.poll() is not None:
-                break
             time.sleep(0.05)
         raise RuntimeError("memkv server did not start:\n" + open(self.log_path).read())
 
@@ -151,7 +151,6 @@ def bench_memkv(client: Client, block: int, total: int, repeat: int, tag: str):
             st = client.get(chunk, bufs[:len(chunk)])
             assert all(s == Status.OK for s in st), set(st)
         gets.append(n * block / (time.perf_counter() - t0) / GB)
-        assert bytes(bufs[0]) == src[(n - len(chunk)) % len(src)] or True
     # latency of single-block calls
     lat_put, lat_get = [], []
     keys = [f"{tag}/lat/{block}/{i}".encode() for i in range(min(64, max(8, (256 << 20) // block)))]
@@ -181,7 +180,6 @@ def bench_exists(client: Client, calls: int = 300):
 def bench_startup(workdir: str, blocks: int) -> float:
     """Put `blocks` 4 KiB blocks, kill -9 the server, restart: seconds to rebuild the index."""
     srv = ServerProc(os.path.join(workdir, "startup"), blocks * 8192 * 2, "async")
-    os.makedirs(os.path.dirname(srv.log_path), exist_ok=True)
     try:
         with Client(srv.endpoint, namespace="startup") as c:
             payload = bytes(4096)

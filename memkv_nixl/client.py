@@ -23,7 +23,8 @@ log = logging.getLogger("memkv.client")
 
 DEFAULT_PORT = 9900
 FULL_RETRIES = (0.05, 0.2, 0.8)
-DEDUP_CHECK_BYTES = 4 << 20         # puts at least this large ask which keys exist first     # back-off (s) before re-sending puts refused with FULL
+DEDUP_CHECK_BYTES = 4 << 20
+_STATUS = tuple(Status)  # wire code -> Status without an enum call per key         # puts at least this large ask which keys exist first     # back-off (s) before re-sending puts refused with FULL
 BACKOFF_MIN, BACKOFF_MAX = 0.5, 30.0
 
 
@@ -251,25 +252,29 @@ class Client:
         return self._servers[server_idx].name
 
     def _fan_out(self, batch: _Batch, work, on_unreachable: Status) -> list[Status]:
-        """Run work(endpoint, idx) -> statuses for each server's keys, concurrently."""
-        out = [on_unreachable] * batch.n
+        """Run work(endpoint, idx) -> status bytes for each server's keys, concurrently."""
         groups = self._groups(batch)
+        results = {}
 
         def one(server_idx, idx):
-            ep = self._servers[server_idx]
             try:
-                statuses = work(ep, idx)
+                results[server_idx] = work(self._servers[server_idx], idx)
             except ConnectionFailed:
-                return
-            for j, i in enumerate(idx):
-                out[i] = Status(statuses[j])
+                pass
 
         if len(groups) == 1:
             (s, idx), = groups.items()
             one(s, idx)
+            if s in results:  # the common case: keys in order, no scatter needed
+                return list(map(_STATUS.__getitem__, results[s]))
         else:
             for f in [self._pool.submit(one, s, idx) for s, idx in groups.items()]:
                 f.result()
+        out = [on_unreachable] * batch.n
+        for s, idx in groups.items():
+            if s in results:
+                for i, st in zip(idx, results[s]):
+                    out[i] = _STATUS[st]
         return out
 
     @staticmethod

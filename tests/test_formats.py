@@ -60,3 +60,8 @@ def test_descriptor_check_names_the_problem():
         native.check_descs(table + b"abc", 1, 3, 4096, 64 << 20)
     with pytest.raises(ProtocolError, match="beyond the 2-byte keys blob"):
         native.check_descs(table + b"ab", 1, 2, 0, 1 << 41)
+
+
+def test_status_codes_are_contiguous_from_zero():
+    # the client maps wire codes to Status by tuple index
+    assert [s.value for s in protocol.Status] == list(range(len(protocol.Status)))
