@@ -149,3 +149,29 @@ def test_torn_journal_tail_is_ignored(memkv_server):
         st, got = _read_all(c, keys, 8192)
         assert st == [Status.OK] * 20 and got == data
     assert "torn tail" in s.log()
+
+
+def test_two_data_paths_share_the_blocks_and_both_recover(memkv_server, tmp_path):
+    second = tmp_path / "second-disk"
+    s = memkv_server(capacity="256MiB", extra=["--data", str(second), "--max-block", "1MiB"])
+    keys, data = _blocks("striped", 40, size=65536)
+    with s.client() as c:
+        assert set(c.put(keys, data)) == {Status.OK}
+        paths = c.stats()[s.address]["data_paths"]
+    assert paths == [str(s.data / "blocks.dat"), str(second / "blocks.dat")]
+    assert os.path.getsize(second / "blocks.dat") == 128 << 20  # capacity split evenly
+    s.kill9()
+    s.start()
+    with s.client() as c:
+        st, got = _read_all(c, keys, 65536)
+        assert st == [Status.OK] * 40 and got == data
+    # both files hold records: flipping the first record of each loses exactly two blocks
+    for path in (s.data / "blocks.dat", second / "blocks.dat"):
+        with open(path, "r+b") as f:
+            f.seek(4096 + 256 + 10)
+            b = f.read(1)
+            f.seek(4096 + 256 + 10)
+            f.write(bytes([b[0] ^ 1]))
+    with s.client() as c:
+        st, _ = _read_all(c, keys, 65536)
+        assert st.count(Status.MISS) == 2
