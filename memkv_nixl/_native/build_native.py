@@ -37,7 +37,7 @@ ffibuilder.cdef(_cdef_from_header())
 ffibuilder.set_source(
     "memkv_nixl._native._memkv",
     '#include "memkv.h"',
-    sources=[os.path.join("memkv_nixl", "_native", n) for n in ("wire.c", "storage_io.c")],
+    sources=[os.path.join("memkv_nixl", "_native", n) for n in ("wire.c", "storage_io.c", "hash.c", "hash_avx2.c")],
     include_dirs=[HERE],
     define_macros=[("MEMKV_VERSION", '"%s"' % _package_version())],
     extra_compile_args=["-O2", "-std=gnu11", "-Wall", "-Wextra", "-Wno-unused-parameter"],

@@ -17,6 +17,7 @@
 #include <xxhash.h>
 
 #include "memkv.h"
+#include "memkv_hash.h"
 
 _Static_assert(sizeof(struct memkv_rec_hdr) == MEMKV_REC_HDR, "record header size");
 _Static_assert(sizeof(struct memkv_frame_hdr) == 32, "frame header size");
@@ -24,6 +25,12 @@ _Static_assert(sizeof(struct memkv_req_desc) == 24, "request descriptor size");
 _Static_assert(sizeof(struct memkv_get_rep) == 24, "get reply size");
 
 #define DRAIN_BUF (1u << 20)
+/* Large records move to and from disk in pieces, so a block's first bytes go to disk while the
+   rest is still arriving (PUT) and a block is read by several pool threads at once (GET). */
+#define PIECE_MIN (2u << 20)
+#define PIECES_MAX 16
+/* PUT hashes what it receives in steps of this size, while the bytes are still in cache. */
+#define HASH_STEP (256u << 10)
 
 int memkv_send_iov(int fd, struct iovec *iov, int cnt); /* wire.c */
 
@@ -37,14 +44,24 @@ struct batch {
 
 enum job_kind {
     JOB_RAW,    /* plain pread/pwrite (ceiling measurement) */
-    JOB_STORE,  /* hash the payload, fill the record header, pwrite the record */
-    JOB_LOAD,   /* pread the record, verify header and payload against the index */
+    JOB_WRITE,  /* pwrite one piece of a record whose payload the socket thread hashed */
+    JOB_READ,   /* pread one piece of a record; the slot's last piece to land verifies it */
+};
+
+/* One arena slot's record while its pieces are in flight (GET). */
+struct slot_state {
+    struct memkv_io *io;
+    uint32_t left;  /* pieces not yet read (guarded by batch mu) */
+    int err;
+    int ready;      /* all pieces read and the record verified (guarded by batch mu) */
 };
 
 struct job {
     struct job *next;
     struct batch *b;
-    struct memkv_io *io;  /* JOB_STORE / JOB_LOAD */
+    struct memkv_io *io;  /* JOB_WRITE / JOB_READ */
+    struct slot_state *slot; /* JOB_READ: set before submit */
+    char *rec;            /* JOB_READ: the whole record, for its verification */
     int kind;
     int fd, write;
     void *buf;
@@ -64,15 +81,8 @@ static struct {
 static void fill_header(struct memkv_rec_hdr *h, const struct memkv_io *io);
 static uint8_t verify_record(const struct memkv_rec_hdr *h, const struct memkv_io *io);
 
-/* Runs on a pool thread: hashing and verification happen here, beside the socket thread. */
+/* Runs on a pool thread: disk transfers, and for GET the verification, beside the socket thread. */
 static void run_job(struct job *j) {
-    if (j->kind == JOB_STORE) {
-        char *rec = j->buf;
-        struct memkv_io *io = j->io;
-        io->csum = XXH3_64bits(rec + MEMKV_REC_HDR, io->len);
-        fill_header((struct memkv_rec_hdr *)rec, io);
-        memset(rec + MEMKV_REC_HDR + io->len, 0, j->len - MEMKV_REC_HDR - io->len);
-    }
     char *p = j->buf;
     size_t left = j->len;
     off_t off = j->off;
@@ -92,15 +102,26 @@ static void run_job(struct job *j) {
         off += k;
         left -= (size_t)k;
     }
-    if (j->kind == JOB_LOAD)
-        j->io->result = err ? MEMKV_RES_IO : verify_record((struct memkv_rec_hdr *)j->buf, j->io);
-    else if (j->kind == JOB_STORE)
-        j->io->result = err ? MEMKV_RES_IO : MEMKV_RES_OK;
+    if (j->kind == JOB_WRITE && err) j->io->result = MEMKV_RES_IO;
+    struct slot_state *ss = j->kind == JOB_READ ? j->slot : NULL;
+    int verify = 0;
     pthread_mutex_lock(&j->b->mu);
     j->err = err;
     j->busy = 0;
+    if (j->kind == JOB_READ) {
+        if (err) ss->err = err;
+        verify = --ss->left == 0; /* the last piece to land checks the whole record */
+    }
     pthread_cond_broadcast(&j->b->cv);
     pthread_mutex_unlock(&j->b->mu);
+    if (verify) {
+        struct memkv_io *io = ss->io;
+        io->result = ss->err ? MEMKV_RES_IO : verify_record((struct memkv_rec_hdr *)j->rec, io);
+        pthread_mutex_lock(&j->b->mu);
+        ss->ready = 1;
+        pthread_cond_broadcast(&j->b->cv);
+        pthread_mutex_unlock(&j->b->mu);
+    }
 }
 
 static void *pool_main(void *arg) {
@@ -168,6 +189,8 @@ struct memkv_arena {
     size_t size;
     uint64_t budget;
     void *drain;
+    struct job *jobs;
+    size_t njobs;
 };
 
 struct memkv_arena *memkv_arena_new(uint64_t budget) {
@@ -181,6 +204,7 @@ void memkv_arena_free(struct memkv_arena *a) {
     if (!a) return;
     free(a->mem);
     free(a->drain);
+    free(a->jobs);
     free(a);
 }
 
@@ -200,6 +224,23 @@ static int arena_slots(struct memkv_arena *a, uint64_t slot, uint32_t want, uint
     }
     *nslots = (uint32_t)k;
     return 0;
+}
+
+static uint64_t piece_size(uint64_t slot) {
+    uint64_t p = round_up((slot + PIECES_MAX - 1) / PIECES_MAX, MEMKV_ALIGN);
+    return p < PIECE_MIN ? PIECE_MIN : p;
+}
+
+/* Room for `n` jobs, reused across requests; every one starts idle. */
+static struct job *arena_jobs(struct memkv_arena *a, size_t n) {
+    if (n > a->njobs) {
+        free(a->jobs);
+        a->njobs = 0;
+        if (!(a->jobs = malloc(n * sizeof *a->jobs))) return NULL;
+        a->njobs = n;
+    }
+    for (size_t i = 0; i < n; i++) a->jobs[i].busy = 0;
+    return a->jobs;
 }
 
 static int drain(int sock, struct memkv_arena *a, uint64_t len) {
@@ -234,7 +275,7 @@ static uint8_t verify_record(const struct memkv_rec_hdr *h, const struct memkv_i
     if (h->seq != io->seq || h->ns_id != io->ns_id || h->len != io->len || h->key_len != io->key_len ||
         memcmp(h->key, io->key, io->key_len) != 0)
         return MEMKV_RES_STALE;
-    if (h->csum != io->csum || XXH3_64bits((const char *)h + MEMKV_REC_HDR, io->len) != io->csum)
+    if (h->csum != io->csum || memkv_h64((const char *)h + MEMKV_REC_HDR, io->len) != io->csum)
         return MEMKV_RES_CORRUPT;
     return MEMKV_RES_OK;
 }
@@ -251,17 +292,54 @@ static uint64_t max_store_len(const struct memkv_io *ios, uint32_t n, uint8_t ac
 }
 
 /* ---- server PUT ------------------------------------------------------------------------------ */
+/* Receive one block's payload into its record buffer, hashing it step by step while it is in cache,
+   and hand each complete piece but the first (it holds the header) and the last (its padding) to
+   the pool as soon as it has arrived; those two follow once the checksum is known. */
+static int put_record(int sock, struct batch *b, struct job *jobs, char *rec, uint64_t piece,
+                      struct memkv_io *io) {
+    uint64_t end = MEMKV_REC_HDR + io->len, reclen = round_up(end, MEMKV_ALIGN);
+    struct memkv_hstate hs;
+    memkv_hs_reset(&hs);
+    io->result = MEMKV_RES_OK; /* a failed piece write turns it into MEMKV_RES_IO */
+    uint64_t pos = MEMKV_REC_HDR;
+    for (uint64_t k = 0; pos < end; k++) {
+        uint64_t pend = (k + 1) * piece < end ? (k + 1) * piece : end;
+        while (pos < pend) {
+            uint64_t step = pend - pos < HASH_STEP ? pend - pos : HASH_STEP;
+            int rc = memkv_recv_all(sock, rec + pos, step);
+            if (rc) return rc;
+            memkv_hs_update(&hs, rec + pos, step);
+            pos += step;
+        }
+        if (k > 0 && (k + 1) * piece < reclen)
+            submit(b, &jobs[k], JOB_WRITE, io, io->fd, 1, rec + k * piece, piece, (off_t)(io->off + k * piece));
+    }
+    io->csum = memkv_hs_digest(&hs);
+    fill_header((struct memkv_rec_hdr *)rec, io);
+    memset(rec + end, 0, reclen - end);
+    uint64_t last = (reclen - 1) / piece;
+    if (last > 0)
+        submit(b, &jobs[last], JOB_WRITE, io, io->fd, 1, rec + last * piece, reclen - last * piece,
+               (off_t)(io->off + last * piece));
+    submit(b, &jobs[0], JOB_WRITE, io, io->fd, 1, rec, reclen < piece ? reclen : piece, (off_t)io->off);
+    return 0;
+}
+
 int memkv_server_put(int sock, struct memkv_arena *a, struct memkv_io *ios, uint32_t n) {
     uint32_t stores;
     uint64_t slot = round_up(MEMKV_REC_HDR + max_store_len(ios, n, MEMKV_ACT_STORE, &stores), MEMKV_ALIGN);
     uint32_t nslots = 0;
     int rc = stores ? arena_slots(a, slot, stores, &nslots) : 0;
     if (rc) return rc;
+    uint64_t piece = piece_size(slot);
+    uint32_t per = (uint32_t)((slot + piece - 1) / piece);
+    struct job *jobs = arena_jobs(a, (size_t)nslots * per);
     uint64_t *trailer = malloc(sizeof(uint64_t) * (n ? n : 1));
-    if (!trailer) return -ENOMEM;
-    struct job jobs[64];
+    if (!trailer || (nslots && !jobs)) {
+        free(trailer);
+        return -ENOMEM;
+    }
     struct batch b = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER};
-    for (uint32_t s = 0; s < nslots; s++) jobs[s].busy = 0;
     uint32_t next = 0;
     int fatal = 0;
     for (uint32_t i = 0; i < n && !fatal; i++) {
@@ -271,16 +349,13 @@ int memkv_server_put(int sock, struct memkv_arena *a, struct memkv_io *ios, uint
             continue;
         }
         uint32_t s = next++ % nslots;
-        wait_job(&b, &jobs[s]); /* the slot's previous record is on disk (or failed) */
-        char *buf = (char *)a->mem + (size_t)s * slot;
-        fatal = memkv_recv_all(sock, buf + MEMKV_REC_HDR, io->len);
-        if (fatal) break;
-        submit(&b, &jobs[s], JOB_STORE, io, io->fd, 1, buf,
-               round_up(MEMKV_REC_HDR + io->len, MEMKV_ALIGN), (off_t)io->off);
+        struct job *sj = &jobs[(size_t)s * per];
+        for (uint32_t k = 0; k < per; k++) wait_job(&b, &sj[k]); /* the slot's last record is on disk */
+        fatal = put_record(sock, &b, sj, (char *)a->mem + (size_t)s * slot, piece, io);
     }
     /* the client's checksums follow the payloads: it hashes each block right after sending it */
     if (!fatal) fatal = memkv_recv_all(sock, trailer, sizeof(uint64_t) * n);
-    for (uint32_t s = 0; s < nslots; s++) wait_job(&b, &jobs[s]);
+    for (size_t k = 0; k < (size_t)nslots * per; k++) wait_job(&b, &jobs[k]);
     for (uint32_t i = 0; i < n; i++) {
         struct memkv_io *io = &ios[i];
         if (io->action != MEMKV_ACT_STORE) continue;
@@ -308,24 +383,36 @@ int memkv_server_get(int sock, struct memkv_arena *a, struct memkv_io *ios, uint
     uint32_t nslots = 0;
     int rc = loads ? arena_slots(a, slot, loads, &nslots) : 0;
     if (rc) return rc;
-    struct job jobs[64];
+    uint64_t piece = piece_size(slot);
+    uint32_t per = (uint32_t)((slot + piece - 1) / piece);
+    struct job *jobs = arena_jobs(a, (size_t)nslots * per);
+    if (nslots && !jobs) return -ENOMEM;
+    struct slot_state ss[64];
     struct batch b = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER};
     uint32_t sub = 0; /* next descriptor to consider for read-ahead */
-    /* Give slot s the next LOAD descriptor not yet submitted; its job reads and verifies it. */
+    /* Give slot s the next LOAD descriptor not yet submitted: its pieces are read in parallel (in
+       order, so the pool finishes the earliest block first); the last one to land verifies it. */
     #define FEED(s)                                                                            \
         do {                                                                                   \
             while (sub < n && ios[sub].action != MEMKV_ACT_LOAD) sub++;                        \
             if (sub < n) {                                                                     \
-                submit(&b, &jobs[s], JOB_LOAD, &ios[sub], ios[sub].fd, 0,                      \
-                       (char *)a->mem + (size_t)(s) * slot,                                    \
-                       round_up(MEMKV_REC_HDR + ios[sub].len, MEMKV_ALIGN), (off_t)ios[sub].off); \
-                sub++;                                                                         \
+                struct memkv_io *fio = &ios[sub++];                                            \
+                char *rec = (char *)a->mem + (size_t)(s) * slot;                               \
+                uint64_t reclen = round_up(MEMKV_REC_HDR + fio->len, MEMKV_ALIGN);             \
+                uint32_t np = (uint32_t)((reclen + piece - 1) / piece);                        \
+                ss[s] = (struct slot_state){fio, np, 0, 0};                                    \
+                for (uint32_t k = 0; k < np; k++) {                                            \
+                    struct job *fj = &jobs[(size_t)(s) * per + k];                             \
+                    uint64_t o = k * piece, l = reclen - o < piece ? reclen - o : piece;       \
+                    fj->slot = &ss[s]; /* before submit: the pool may run it at once */        \
+                    fj->rec = rec;                                                             \
+                    submit(&b, fj, JOB_READ, fio, fio->fd, 0, rec + o, l, (off_t)(fio->off + o)); \
+                }                                                                              \
+            } else {                                                                           \
+                ss[s].ready = 1;                                                               \
             }                                                                                  \
         } while (0)
-    for (uint32_t s = 0; s < nslots; s++) {
-        jobs[s].busy = 0;
-        FEED(s);
-    }
+    for (uint32_t s = 0; s < nslots; s++) FEED(s);
     uint32_t next = 0;
     int fatal = 0;
     for (uint32_t i = 0; i < n; i++) {
@@ -336,7 +423,9 @@ int memkv_server_get(int sock, struct memkv_arena *a, struct memkv_io *ios, uint
         uint32_t s = 0;
         if (io->action == MEMKV_ACT_LOAD) {
             s = next++ % nslots;
-            wait_job(&b, &jobs[s]);
+            pthread_mutex_lock(&b.mu);
+            while (!ss[s].ready) pthread_cond_wait(&b.cv, &b.mu);
+            pthread_mutex_unlock(&b.mu);
             /* anything but a verified record is a miss for the client: never wrong bytes */
             io->status = io->result == MEMKV_RES_OK ? MEMKV_ST_OK : MEMKV_ST_MISS;
             if (io->result == MEMKV_RES_OK) {
@@ -353,7 +442,10 @@ int memkv_server_get(int sock, struct memkv_arena *a, struct memkv_io *ios, uint
         if (io->action == MEMKV_ACT_LOAD) FEED(s);
     }
     #undef FEED
-    for (uint32_t s = 0; s < nslots; s++) wait_job(&b, &jobs[s]);
+    pthread_mutex_lock(&b.mu); /* no job may outlive this frame: wait for every piece and verify */
+    for (uint32_t s = 0; s < nslots; s++)
+        while (!ss[s].ready) pthread_cond_wait(&b.cv, &b.mu);
+    pthread_mutex_unlock(&b.mu);
     return fatal;
 }
 

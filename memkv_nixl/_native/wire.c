@@ -12,6 +12,7 @@
 #include <xxhash.h>
 
 #include "memkv.h"
+#include "memkv_hash.h"
 
 #ifndef MEMKV_VERSION
 #error "MEMKV_VERSION must be defined by the build"
@@ -23,7 +24,7 @@ uint64_t memkv_xxh3(const void *p, size_t n, uint64_t seed) { return XXH3_64bits
 
 void memkv_xxh3_many(uint32_t n, const uint64_t *ptrs, const uint64_t *lens, uint64_t *out) {
     for (uint32_t i = 0; i < n; i++)
-        out[i] = XXH3_64bits((const void *)(uintptr_t)ptrs[i], lens[i]);
+        out[i] = memkv_h64((const void *)(uintptr_t)ptrs[i], lens[i]);
 }
 
 void memkv_rendezvous(uint32_t n, const uint8_t *keys, const uint16_t *key_lens,
@@ -138,29 +139,54 @@ int memkv_send_iov(int fd, struct iovec *iov, int cnt) {
     return 0;
 }
 
+/* Payloads are sent and hashed in segments of about SEG bytes (small blocks share one sendmsg,
+   large ones are split): each segment is hashed right after the kernel copied it, while it is
+   still in cache and while the receiver drains the socket. */
+enum { SEG = 1 << 20 };
+
 int memkv_client_put(int fd, const void *head, size_t head_len, uint32_t n,
                      const uint64_t *ptrs, const uint64_t *lens, uint64_t *csums) {
-    /* Send blocks in groups of up to GROUP_BYTES, then hash that group while the receiver drains
-       the socket buffer; the checksums go last, as the frame's trailer. */
-    enum { CHUNK = 256, GROUP_BYTES = 8 << 20 };
+    enum { CHUNK = 256 };
     struct iovec iov[CHUNK];
+    struct { uint32_t blk; uint64_t off, len; } seg[CHUNK];
+    struct memkv_hstate hs;
     int rc = memkv_send_all(fd, head, head_len);
-    uint32_t first = 0;
-    while (!rc && first < n) {
+    uint32_t i = 0;  /* next block to send ... */
+    uint64_t at = 0; /* ... from this offset */
+    while (!rc && i < n) {
         int cnt = 0;
         uint64_t bytes = 0;
-        uint32_t last = first;
-        while (last < n && cnt < CHUNK && (cnt == 0 || bytes + lens[last] <= GROUP_BYTES)) {
-            if (lens[last]) {
-                iov[cnt].iov_base = (void *)(uintptr_t)ptrs[last];
-                iov[cnt++].iov_len = lens[last];
+        while (i < n && cnt < CHUNK && bytes < SEG) {
+            uint64_t take = lens[i] - at;
+            if (take > SEG - bytes) take = SEG - bytes;
+            if (lens[i] == 0) {
+                csums[i] = memkv_h64(NULL, 0);
+            } else {
+                iov[cnt].iov_base = (char *)(uintptr_t)ptrs[i] + at;
+                iov[cnt].iov_len = take;
+                seg[cnt].blk = i;
+                seg[cnt].off = at;
+                seg[cnt++].len = take;
             }
-            bytes += lens[last++];
+            bytes += take;
+            at += take;
+            if (at == lens[i]) {
+                i++;
+                at = 0;
+            }
         }
         rc = memkv_send_iov(fd, iov, cnt);
-        for (uint32_t i = first; i < last; i++)
-            csums[i] = XXH3_64bits((const void *)(uintptr_t)ptrs[i], lens[i]);
-        first = last;
+        for (int k = 0; k < cnt && !rc; k++) {
+            const char *p = (const char *)(uintptr_t)ptrs[seg[k].blk] + seg[k].off;
+            uint64_t blen = lens[seg[k].blk];
+            if (seg[k].len == blen) {
+                csums[seg[k].blk] = memkv_h64(p, blen);
+                continue;
+            }
+            if (seg[k].off == 0) memkv_hs_reset(&hs);
+            memkv_hs_update(&hs, p, seg[k].len);
+            if (seg[k].off + seg[k].len == blen) csums[seg[k].blk] = memkv_hs_digest(&hs);
+        }
     }
     return rc ? rc : memkv_send_all(fd, csums, sizeof(uint64_t) * n);
 }
@@ -175,6 +201,7 @@ int memkv_client_get(int fd, const void *head, size_t head_len, uint32_t n,
     if (rep->magic != MEMKV_WIRE_MAGIC) return -EPROTO;
     if (rep->op != MEMKV_OP_GET || rep->status != MEMKV_ST_OK) return 1;
     if (rep->count != n) return -EPROTO;
+    struct memkv_hstate hs;
     for (uint32_t i = 0; i < n; i++) {
         struct memkv_get_rep r;
         rc = memkv_recv_all(fd, &r, sizeof r);
@@ -183,11 +210,23 @@ int memkv_client_get(int fd, const void *head, size_t head_len, uint32_t n,
         lens[i] = 0;
         if (r.status != MEMKV_ST_OK) continue;
         if (r.len > caps[i]) return -EPROTO; /* server must never overrun a buffer */
-        void *dst = (void *)(uintptr_t)ptrs[i];
-        rc = memkv_recv_all(fd, dst, r.len);
-        if (rc) return rc;
+        char *dst = (char *)(uintptr_t)ptrs[i];
+        if (!verify || r.len <= SEG) {
+            rc = memkv_recv_all(fd, dst, r.len);
+            if (rc) return rc;
+            if (verify && memkv_h64(dst, r.len) != r.csum) status[i] = MEMKV_ST_CHECKSUM_MISMATCH;
+        } else { /* hash each segment as it lands, while it is in cache */
+            memkv_hs_reset(&hs);
+            for (uint64_t at = 0; at < r.len;) {
+                uint64_t k = r.len - at < SEG ? r.len - at : SEG;
+                rc = memkv_recv_all(fd, dst + at, k);
+                if (rc) return rc;
+                memkv_hs_update(&hs, dst + at, k);
+                at += k;
+            }
+            if (memkv_hs_digest(&hs) != r.csum) status[i] = MEMKV_ST_CHECKSUM_MISMATCH;
+        }
         lens[i] = r.len;
-        if (verify && XXH3_64bits(dst, r.len) != r.csum) status[i] = MEMKV_ST_CHECKSUM_MISMATCH;
     }
     return 0;
 }
