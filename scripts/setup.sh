@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 BENCH=0
 if [ "${1:-}" = "--bench" ]; then BENCH=1; fi
 
-pkgs=(gcc libxxhash-dev python3-venv python3-dev redis-server iproute2 util-linux)
+pkgs=(gcc g++ libxxhash-dev libssl-dev binutils python3-venv python3-dev redis-server iproute2 util-linux)
 if [ $BENCH = 1 ]; then pkgs+=(libibverbs1); fi  # Mooncake's wheel links it even without RDMA
 need=()
 for pkg in "${pkgs[@]}"; do
@@ -23,6 +23,8 @@ fi
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
+# CPU torch first: anything that depends on torch would otherwise pull a multi-GB CUDA build
+.venv/bin/python -m pip install -q "torch==2.13.0"
 .venv/bin/python -m pip install -q -e ".[test]"
 if [ $BENCH = 1 ]; then
   .venv/bin/python -m pip install -q "mooncake-transfer-engine-non-cuda==0.3.13.post1"
