@@ -218,11 +218,13 @@ def load_peers(skip: bool):
 
 def bench_peer(cls, workdir: str, block: int, total: int, repeat: int):
     """(put GB/s, get GB/s) of a peer for the same workload, median of repeats."""
+    os.makedirs(os.path.join(workdir, cls.name), exist_ok=True)
     peer = cls(os.path.join(workdir, cls.name))
     peer.start()
     try:
         n = max(4, total // block)
         if hasattr(peer, "timed_put_get"):
+            peer.timed_put_get(block, n)  # warm-up: its first pass touches fresh segment memory
             runs = [peer.timed_put_get(block, n) for _ in range(repeat)]
             return (statistics.median(r["bytes"] / r["put_s"] / GB for r in runs),
                     statistics.median(r["bytes"] / r["get_s"] / GB for r in runs))

@@ -41,6 +41,10 @@ class Op(enum.IntEnum):
     ERROR = 15
 
 
+class PutFlag(enum.IntFlag):
+    REPLACE = 1  # overwrite committed keys (region mode: a file-shaped tier rewrites its slots)
+
+
 class Status(enum.IntEnum):
     """Per-key outcome of a batched call (and the frame-level status of a reply)."""
 

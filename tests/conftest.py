@@ -10,7 +10,11 @@ import time
 
 import pytest
 
+import memkv_nixl.nixl as memkv_backend
 from memkv_nixl import Client
+
+# NIXL reads its plugin directory once per process, before the first agent: activate MEMKV now
+NIXL_PLUGIN_DIR = memkv_backend.activate()
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 READY_DEADLINE_S = 60
@@ -102,3 +106,51 @@ def memkv_server(tmp_path):
 @pytest.fixture
 def server(memkv_server):
     return memkv_server()
+
+
+class Agent:
+    """A real nixl_agent from the installed wheel, with helpers for MEMKV transfers."""
+
+    count = 0
+
+    def __init__(self, **config):
+        from nixl_cu12._api import nixl_agent, nixl_agent_config
+        Agent.count += 1
+        self.name = f"test-agent-{os.getpid()}-{Agent.count}"
+        self.agent = nixl_agent(self.name, nixl_agent_config(backends=[], **config))
+
+    def __getattr__(self, item):
+        return getattr(self.agent, item)
+
+    def memkv(self, server, **params):
+        p = {"endpoints": server.endpoint, "namespace": "nixl-test", **params}
+        self.agent.create_backend("MEMKV", {k: str(v) for k, v in p.items()})
+
+    def post(self, op, local, remote, backend="MEMKV"):
+        h = self.agent.initialize_xfer(op, local, remote, self.name, backends=[backend])
+        return h, self.agent.transfer(h)
+
+    def wait(self, h, state, deadline_s=60.0):
+        """Poll to the end: DONE, or ERR with the backend's status kept in self.error (NIXL raises
+        it, e.g. nixlNotFoundError for NIXL_ERR_NOT_FOUND)."""
+        end = time.time() + deadline_s
+        self.error = None
+        try:
+            while state == "PROC" and time.time() < end:
+                time.sleep(0.0005)
+                state = self.agent.check_xfer_state(h)
+        except Exception as e:  # noqa: BLE001 - the status is the result under test
+            self.error, state = e, "ERR"
+        return state
+
+    def xfer(self, op, local, remote, backend="MEMKV", deadline_s=60.0):
+        """Run one transfer to its end; returns DONE or ERR (PROC if the deadline passed)."""
+        h, state = self.post(op, local, remote, backend)
+        state = self.wait(h, state, deadline_s)
+        self.agent.release_xfer_handle(h)
+        return state
+
+
+@pytest.fixture
+def nixl_agent():
+    return Agent()

@@ -15,6 +15,7 @@
 #define MEMKV_WIRE_MAGIC 0x31564B4D /* "MKV1" */
 #define MEMKV_MAX_KEY 128
 #define MEMKV_WIRE_VERSION 1
+#define MEMKV_PUT_REPLACE 1 /* PUT frame flag: replace committed keys (file-shaped region mode) */
 
 enum memkv_op {
     MEMKV_OP_HELLO = 1, MEMKV_OP_AUTH = 2, MEMKV_OP_PUT = 3, MEMKV_OP_GET = 4, MEMKV_OP_EXISTS = 5,

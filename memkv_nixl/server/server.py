@@ -16,7 +16,7 @@ import threading
 from .. import native
 from ..errors import MemkvError, ProtocolError
 from ..protocol import (CHALLENGE, CSUM, FRAME, HELLO, MAC_LEN, MAX_KEY, MAX_NAMESPACE, NONCE_LEN,
-                        REQ_DESC, VERSION, Op, Status, auth_mac, error_frame, pack_frame,
+                        REQ_DESC, VERSION, Op, PutFlag, Status, auth_mac, error_frame, pack_frame,
                         unpack_frame)
 from ..transport.tcp import set_timeouts
 from .config import ServerConfig
@@ -197,7 +197,8 @@ class Server:
         if f.op == Op.PUT:
             addr = native.address_of(table) + base
             ios, entries = store.plan_put(ns_id, keys, [d[0] for d in descs],
-                                          [addr + d[2] for d in descs])
+                                          [addr + d[2] for d in descs],
+                                          replace=bool(f.flags & PutFlag.REPLACE))
             try:
                 arena.server_put(fd, ios, f.count)
             finally:

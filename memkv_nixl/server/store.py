@@ -41,7 +41,8 @@ ASYNC_FLUSH_S = 1.0
 class Entry:
     """One block: where it lives and its eviction state."""
 
-    __slots__ = ("ns", "key", "file", "off", "len", "csum", "seq", "pinned", "ref", "busy", "live")
+    __slots__ = ("ns", "key", "file", "off", "len", "csum", "seq", "pinned", "ref", "busy", "live",
+                 "replace")
 
     def __init__(self, ns, key, file, off, length, csum, seq, pinned=False):
         self.ns = ns
@@ -55,6 +56,7 @@ class Entry:
         self.ref = False
         self.busy = 0      # transfers using the slot (a write in flight, or reads)
         self.live = True   # False once evicted/deleted/dropped; the ring forgets it lazily
+        self.replace = False  # a region-mode put that supersedes a committed block
 
     @property
     def reclen(self) -> int:
@@ -197,8 +199,10 @@ class Store:
         return ns
 
     # ---- put -------------------------------------------------------------------------------
-    def plan_put(self, ns_id: int, keys: list[bytes], lens, key_addrs) -> tuple[bytearray, list]:
+    def plan_put(self, ns_id: int, keys: list[bytes], lens, key_addrs, *, replace: bool = False
+                 ) -> tuple[bytearray, list]:
         """Decide each descriptor's fate: STORE at a fresh slot, or DRAIN (duplicate / FULL).
+        With replace, a committed key is stored again and the new block supersedes it.
         Returns the memkv_io rows for C and the new entries (None where nothing is written)."""
         n = len(keys)
         ios = bytearray(native.IO.size * n)
@@ -209,8 +213,7 @@ class Store:
                 length = lens[i]
                 status = Status.OK
                 action = native.ACT_DRAIN
-                old = ns.index.get(key)
-                if old is None:
+                if replace or key not in ns.index:
                     placed = self._allocate(record_length(length))
                     if placed is None:
                         status = Status.FULL
@@ -218,6 +221,7 @@ class Store:
                         f, off = placed
                         e = Entry(ns, key, f, off, length, 0, self._take_seq())
                         e.busy = 1
+                        e.replace = replace
                         f.ring.append(e)
                         entries[i] = e
                         action = native.ACT_STORE
@@ -245,14 +249,20 @@ class Store:
                     if results[i] == native.RES_BAD_CSUM:
                         self.counters["put_checksum_mismatch"] += 1
                     continue
-                if e.key in ns.index:  # a concurrent put of the same key committed first
-                    e.live = False
-                    continue
+                old = ns.index.get(e.key)
+                if old is not None:
+                    if not e.replace or old.seq > e.seq:
+                        e.live = False  # a put of the same key committed first (or newer)
+                        continue
+                    old.live = False    # replaced: the journal's PUT supersedes it on replay
+                    e.pinned = old.pinned
+                    ns.bytes -= old.len
                 e.csum = native.IO.unpack_from(ios, i * native.IO.size)[4]  # hashed as written
                 ns.index[e.key] = e
                 ns.bytes += e.len
                 ns.puts += 1
-                self._journal(MetaType.PUT, ns.id, e.key, e.file.number, e.seq, e.off, e.len, e.csum)
+                self._journal(MetaType.PUT, ns.id, e.key, e.file.number, e.seq, e.off, e.len, e.csum,
+                              FLAG_PINNED if e.pinned else 0)
         if self.sync:
             self._flush_journal(True)
         return statuses
