@@ -278,7 +278,13 @@ def main(argv=None) -> None:
                 dr = median_of(a.repeat, lambda: disk_gbps(dpath, block, total, False))
                 os.unlink(dpath)
                 put, get, pp50, pp99, gp50, gp99 = bench_memkv(client, block, total, a.repeat, "b")
-                peer_res = {cls.name: bench_peer(cls, workdir, block, total, a.repeat) for cls in peers}
+                peer_res = {}
+                for cls in peers:
+                    try:
+                        peer_res[cls.name] = bench_peer(cls, workdir, block, total, a.repeat)
+                    except Exception as e:  # noqa: BLE001 - a peer's failure is reported, not fatal
+                        print(f"# peer {cls.name} failed at {format_size(block)}: "
+                              f"{str(e).splitlines()[0][:200]}", flush=True)
                 results.append((block, sock, mem, dw, dr, put, get, pp50, pp99, gp50, gp99, peer_res))
                 name = format_size(block)
                 print(f"ceiling {name:>6}: raw socket {sock:.2f} GB/s, memcpy {mem:.2f} GB/s, "

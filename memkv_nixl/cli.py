@@ -62,6 +62,11 @@ def _stat(a) -> None:
             print(json.dumps(c.stats(), indent=2))
 
 
+def _nixl_plugin_dir(a) -> None:
+    from .nixl import plugin_dir
+    print(plugin_dir(a.flavour))
+
+
 def _demo(a) -> None:
     from .demo import main as demo_main
     demo_main(a)
@@ -110,6 +115,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("keys", nargs="*")
     _add_client_args(t)
     t.set_defaults(func=_stat)
+
+    n = sub.add_parser("nixl-plugin-dir", help="prepare and print a NIXL_PLUGIN_DIR holding MEMKV "
+                                               "and the NIXL wheel's own plugins")
+    n.add_argument("--flavour", choices=["nixl_cu12", "nixl_cu13"], help="default: the installed one")
+    n.set_defaults(func=_nixl_plugin_dir)
 
     d = sub.add_parser("demo", help="start a local server on the default data directory, store "
                                     "and reload KV-sized blocks across a restart")

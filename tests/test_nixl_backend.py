@@ -257,3 +257,14 @@ def test_auth_with_secret_file(memkv_server, tmp_path, nixl_agent):
     assert nixl_agent.xfer("WRITE", lsrc, remote) == "DONE"
     with Client([s.endpoint], namespace="nixl-test", secret_file=str(secret)) as c:
         assert c.exists([b"auth/0"]) == [True]
+
+
+def test_cli_prints_a_plugin_dir_a_non_python_host_can_use():
+    import subprocess
+    import sys
+    r = subprocess.run([sys.executable, "-m", "memkv_nixl.cli", "nixl-plugin-dir"], capture_output=True,
+                       text=True, timeout=60)
+    path = r.stdout.strip()
+    assert r.returncode == 0 and os.path.realpath(os.path.join(path, "libplugin_MEMKV.so")).endswith(
+        "memkv_nixl/nixl/libplugin_MEMKV.so")
+    assert os.path.exists(os.path.join(path, "libplugin_POSIX.so"))
