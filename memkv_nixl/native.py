@@ -8,7 +8,7 @@ import struct
 from array import array
 
 from ._version import __version__
-from .errors import MemkvError, ProtocolError
+from .errors import AuthError, MemkvError, ProtocolError, ServerError
 
 try:
     from ._native._memkv import ffi, lib
@@ -100,31 +100,64 @@ def recv_exact(fd: int, n: int) -> bytearray:
     return buf
 
 
-def client_put(fd: int, head: bytes, ptrs: array, lens: array) -> array:
-    """Send a PUT frame's payloads and checksum trailer; returns the checksums sent."""
-    csums = array("Q", bytes(8 * len(ptrs)))
-    _check(lib.memkv_client_put(fd, head, len(head), len(ptrs), ffi.from_buffer("uint64_t[]", ptrs),
-                                ffi.from_buffer("uint64_t[]", lens), ffi.from_buffer("uint64_t[]", csums)),
-           "send")
-    return csums
+class Conn:
+    """One authenticated connection (C: struct memkv_conn). Errors: OSError when the connection
+    broke (close it), AuthError / ServerError when the server refused (their text is the server's)."""
 
+    def __init__(self, host: str, port: int, namespace: bytes, secret: bytes | None, timeout: float):
+        from .errors import AuthError, ConnectionFailed
+        self._c = ffi.new("struct memkv_conn *")
+        err = ffi.new("char[1024]")
+        secret = secret or b""
+        rc = lib.memkv_conn_open(self._c, host.encode(), port, namespace, len(namespace), secret,
+                                 len(secret), max(1, int(timeout * 1000)), err, 1024)
+        if rc == 1:
+            cls = AuthError if self._c.last_status == lib.MEMKV_ST_AUTH_FAILED else ServerError
+            raise cls(ffi.string(err).decode(errors="replace"))
+        if rc < 0:
+            text = ffi.string(err).decode(errors="replace") or f"cannot connect to memkv server {host}:{port}"
+            raise ConnectionFailed(f"{text}: {os.strerror(-rc)}")
+        self.fd = self._c.fd
+        self.max_block, self.min_block, self.max_batch = self._c.max_block, self._c.min_block, self._c.max_batch
 
-def client_get(fd: int, head: bytes, ptrs: array, caps: array, verify: bool):
-    """Returns (reply frame bytes, statuses, lengths, error_frame) — error_frame True when the
-    reply is an error frame whose body the caller still has to read."""
-    n = len(ptrs)
-    rep = bytearray(32)
-    status = bytearray(n)
-    lens = array("Q", bytes(8 * n))
-    rc = lib.memkv_client_get(fd, head, len(head), n, ffi.from_buffer("uint64_t[]", ptrs),
-                              ffi.from_buffer("uint64_t[]", caps), int(verify),
-                              ffi.from_buffer("struct memkv_frame_hdr *", rep), ffi.from_buffer(status),
-                              ffi.from_buffer("uint64_t[]", lens))
-    if rc == -71:  # EPROTO
-        raise ProtocolError("server sent a malformed GET reply (wrong magic, count or a block "
-                            "larger than the buffer asked for)")
-    _check(rc, "receive")
-    return bytes(rep), status, lens, rc == 1
+    def close(self) -> None:
+        lib.memkv_conn_close(self._c)
+
+    def _result(self, rc: int, err, what: str) -> None:
+        if rc == 1:
+            cls = AuthError if self._c.last_status == lib.MEMKV_ST_AUTH_FAILED else ServerError
+            raise cls(ffi.string(err).decode(errors="replace"))
+        if rc == -71:  # EPROTO
+            raise ProtocolError("server sent a malformed reply (wrong magic, count, or a block larger "
+                                "than the buffer asked for)")
+        _check(rc, what)
+
+    def put(self, keys_blob: bytes, key_lens: array, ptrs: array, lens: array, flags: int = 0) -> bytes:
+        n = len(key_lens)
+        status, err = bytearray(n), ffi.new("char[1024]")
+        rc = lib.memkv_conn_put(self._c, n, keys_blob, ffi.from_buffer("uint16_t[]", key_lens),
+                                ffi.from_buffer("uint64_t[]", ptrs), ffi.from_buffer("uint64_t[]", lens),
+                                flags, ffi.from_buffer(status), err, 1024)
+        self._result(rc, err, "put")
+        return bytes(status)
+
+    def get(self, keys_blob: bytes, key_lens: array, ptrs: array, caps: array, verify: bool):
+        n = len(key_lens)
+        status, lens, err = bytearray(n), array("Q", bytes(8 * n)), ffi.new("char[1024]")
+        rc = lib.memkv_conn_get(self._c, n, keys_blob, ffi.from_buffer("uint16_t[]", key_lens),
+                                ffi.from_buffer("uint64_t[]", ptrs), ffi.from_buffer("uint64_t[]", caps),
+                                int(verify), ffi.from_buffer(status), ffi.from_buffer("uint64_t[]", lens),
+                                err, 1024)
+        self._result(rc, err, "get")
+        return bytes(status), lens
+
+    def keyed(self, op: int, keys_blob: bytes, key_lens: array) -> bytes:
+        n = len(key_lens)
+        status, err = bytearray(n), ffi.new("char[1024]")
+        rc = lib.memkv_conn_keyed(self._c, op, n, keys_blob, ffi.from_buffer("uint16_t[]", key_lens),
+                                  ffi.from_buffer(status), err, 1024)
+        self._result(rc, err, "request")
+        return bytes(status)
 
 
 def io_start(threads: int) -> None:

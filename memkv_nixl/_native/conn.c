@@ -113,7 +113,9 @@ int memkv_conn_open(struct memkv_conn *c, const char *host, int port, const uint
     memcpy(&c->min_block, ch + 16, 8);
     memcpy(&c->max_batch, ch + 24, 4);
     if (ch[2] && !secret_len) {
-        set_err(err, err_len, "memkv server %s:%d requires a shared secret (secret_file)", host, port);
+        c->last_status = MEMKV_ST_AUTH_FAILED;
+        set_err(err, err_len, "memkv server %s:%d requires a shared secret; pass secret_file= "
+                "(the same file as the server's --secret-file)", host, port);
         rc = 1;
         goto fail;
     }
@@ -205,6 +207,7 @@ int memkv_conn_get(struct memkv_conn *c, uint32_t n, const uint8_t *keys, const 
         rc = memkv_recv_all(c->fd, text, k);
         if (rc) return rc;
         text[k] = 0;
+        c->last_status = rep.status;
         set_err(err, err_len, "%s%.0d", text, 0);
         return 1;
     }

@@ -11,6 +11,7 @@ import logging
 import os
 import signal
 import socket
+import struct
 import threading
 
 from .. import native
@@ -18,7 +19,6 @@ from ..errors import MemkvError, ProtocolError
 from ..protocol import (CHALLENGE, CSUM, FRAME, HELLO, MAC_LEN, MAX_KEY, MAX_NAMESPACE, NONCE_LEN,
                         REQ_DESC, VERSION, Op, PutFlag, Status, auth_mac, error_frame, pack_frame,
                         unpack_frame)
-from ..transport.tcp import set_timeouts
 from .config import ServerConfig
 from .store import Store
 
@@ -223,6 +223,13 @@ class Server:
                 statuses = store.pin(ns_id, keys, f.op == Op.PIN)
             native.send_all(fd, pack_frame(f.op, req_id=f.req_id, count=f.count,
                                            body_len=f.count) + bytes(statuses))
+
+
+def set_timeouts(sock: socket.socket, seconds: float) -> None:
+    """Kernel send/receive timeouts, so the fd stays blocking for the C data path."""
+    tv = struct.pack("ll", int(seconds), int((seconds % 1) * 1e6))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
 
 
 def run(cfg: ServerConfig) -> None:
