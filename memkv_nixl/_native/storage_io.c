@@ -325,20 +325,35 @@ static int put_record(int sock, struct batch *b, struct job *jobs, char *rec, ui
     return 0;
 }
 
-int memkv_server_put(int sock, struct memkv_arena *a, struct memkv_io *ios, uint32_t n) {
-    uint32_t stores;
-    uint64_t slot = round_up(MEMKV_REC_HDR + max_store_len(ios, n, MEMKV_ACT_STORE, &stores), MEMKV_ALIGN);
-    uint32_t nslots = 0;
-    int rc = stores ? arena_slots(a, slot, stores, &nslots) : 0;
+/* Size the arena's slots and job room for the records of `action` in this batch. */
+struct plan {
+    uint64_t slot, piece; /* bytes per slot; bytes per disk piece */
+    uint32_t nslots, per; /* slots in flight; pieces (jobs) per slot */
+    struct job *jobs;     /* nslots * per jobs, all idle */
+};
+
+static int plan_slots(struct memkv_arena *a, const struct memkv_io *ios, uint32_t n, uint8_t action,
+                      struct plan *p) {
+    uint32_t count;
+    p->slot = round_up(MEMKV_REC_HDR + max_store_len(ios, n, action, &count), MEMKV_ALIGN);
+    p->nslots = 0;
+    int rc = count ? arena_slots(a, p->slot, count, &p->nslots) : 0;
     if (rc) return rc;
-    uint64_t piece = piece_size(slot);
-    uint32_t per = (uint32_t)((slot + piece - 1) / piece);
-    struct job *jobs = arena_jobs(a, (size_t)nslots * per);
+    p->piece = piece_size(p->slot);
+    p->per = (uint32_t)((p->slot + p->piece - 1) / p->piece);
+    p->jobs = arena_jobs(a, (size_t)p->nslots * p->per);
+    return p->nslots && !p->jobs ? -ENOMEM : 0;
+}
+
+int memkv_server_put(int sock, struct memkv_arena *a, struct memkv_io *ios, uint32_t n) {
+    struct plan pl;
+    int rc = plan_slots(a, ios, n, MEMKV_ACT_STORE, &pl);
+    if (rc) return rc;
+    uint64_t slot = pl.slot, piece = pl.piece;
+    uint32_t nslots = pl.nslots, per = pl.per;
+    struct job *jobs = pl.jobs;
     uint64_t *trailer = malloc(sizeof(uint64_t) * (n ? n : 1));
-    if (!trailer || (nslots && !jobs)) {
-        free(trailer);
-        return -ENOMEM;
-    }
+    if (!trailer) return -ENOMEM;
     struct batch b = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER};
     uint32_t next = 0;
     int fatal = 0;
@@ -378,15 +393,12 @@ int memkv_server_put(int sock, struct memkv_arena *a, struct memkv_io *ios, uint
 
 /* ---- server GET ------------------------------------------------------------------------------ */
 int memkv_server_get(int sock, struct memkv_arena *a, struct memkv_io *ios, uint32_t n) {
-    uint32_t loads;
-    uint64_t slot = round_up(MEMKV_REC_HDR + max_store_len(ios, n, MEMKV_ACT_LOAD, &loads), MEMKV_ALIGN);
-    uint32_t nslots = 0;
-    int rc = loads ? arena_slots(a, slot, loads, &nslots) : 0;
+    struct plan pl;
+    int rc = plan_slots(a, ios, n, MEMKV_ACT_LOAD, &pl);
     if (rc) return rc;
-    uint64_t piece = piece_size(slot);
-    uint32_t per = (uint32_t)((slot + piece - 1) / piece);
-    struct job *jobs = arena_jobs(a, (size_t)nslots * per);
-    if (nslots && !jobs) return -ENOMEM;
+    uint64_t slot = pl.slot, piece = pl.piece;
+    uint32_t nslots = pl.nslots, per = pl.per;
+    struct job *jobs = pl.jobs;
     struct slot_state ss[64];
     struct batch b = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER};
     uint32_t sub = 0; /* next descriptor to consider for read-ahead */
