@@ -27,15 +27,22 @@ def test_filling_capacity_twice_evicts_but_keeps_pins_and_never_fails(memkv_serv
         assert all(present[-8:]), "the newest blocks are kept"
 
 
-def test_recently_read_blocks_get_a_second_chance(memkv_server):
-    s = memkv_server(capacity="16MiB", extra=["--max-block", "1MiB"])
+def test_new_blocks_survive_a_lap_and_read_blocks_a_second_one(memkv_server):
+    s = memkv_server(capacity="16MiB", extra=["--max-block", "1MiB"])  # 15 records of 1 MiB
     with s.client() as c:
-        keys = [f"a/{i}".encode() for i in range(10)]
-        c.put(keys, [os.urandom(MiB)] * 10)
-        hot = keys[0]
-        c.get([hot], [bytearray(MiB)])  # sets its reference bit
-        c.put([f"b/{i}".encode() for i in range(8)], [os.urandom(MiB)] * 8)
-        assert c.exists([hot, keys[1]]) == [True, False]
+        a = [f"a/{i}".encode() for i in range(15)]
+        for k in a:  # one put per block: the client's exists-check would batch them otherwise
+            c.put([k], [os.urandom(MiB)])
+        # the 16th block wraps the ring: the head clears every new block's bit on its lap, then
+        # evicts the oldest, a/0; the newest just written are all still there
+        c.put([b"b/0"], [os.urandom(MiB)])
+        assert c.exists(a) == [False] + [True] * 14
+        hot = a[5]
+        c.get([hot], [bytearray(MiB)])  # read since the head passed: a second chance
+        for i in range(1, 7):
+            c.put([f"b/{i}".encode()], [os.urandom(MiB)])
+        assert c.exists([hot]) == [True]
+        assert c.exists(a[1:5] + a[6:8]) == [False] * 6
 
 
 def test_all_pinned_gives_full_back_pressure_then_unpin_frees(memkv_server):

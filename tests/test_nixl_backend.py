@@ -268,3 +268,14 @@ def test_cli_prints_a_plugin_dir_a_non_python_host_can_use():
     assert r.returncode == 0 and os.path.realpath(os.path.join(path, "libplugin_MEMKV.so")).endswith(
         "memkv_nixl/nixl/libplugin_MEMKV.so")
     assert os.path.exists(os.path.join(path, "libplugin_POSIX.so"))
+
+
+def test_vram_is_offered_only_where_cuda_exists(server, nixl_agent, capfd):
+    nixl_agent.memkv(server)
+    mems = nixl_agent.get_backend_mem_types("MEMKV")
+    if torch.cuda.is_available():  # not exercised on the CPU-only machines this was built on
+        assert "VRAM_SEG" in mems
+    else:
+        assert mems == ["DRAM_SEG", "OBJ_SEG", "FILE_SEG"]
+        err = capfd.readouterr().err
+        assert err.count("VRAM_SEG is not offered") == 1

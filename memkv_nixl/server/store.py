@@ -1,9 +1,11 @@
 """The block store: index, placement on disk, eviction, journal, checkpoint and recovery.
 
 Layout: each data path is a ring of records (see memkv_nixl.diskformat). New blocks are written
-at the ring's head. Eviction policy (CLOCK on the ring): when the head reaches a block, the block
-is evicted unless it is pinned, was read since the head last passed (its reference bit), or is in
-use by a transfer; such a block keeps its place, its bit is cleared and the head skips over it.
+at the ring's head. Eviction policy (CLOCK on the ring): every block has a reference bit, set when
+it is written and each time it is read. When the head reaches a block, the block is evicted unless
+it is pinned, its bit is set, or a transfer is using it; such a block keeps its place, its bit is
+cleared and the head skips over it. So a new block survives at least one full lap, and a block
+read since the head last passed survives another.
 A put that finds no room within two laps gets Status.FULL (back-pressure, retried by clients).
 
 Durability: the index is rebuilt at start-up from the last checkpoint plus the journal written
@@ -221,6 +223,7 @@ class Store:
                         f, off = placed
                         e = Entry(ns, key, f, off, length, 0, self._take_seq())
                         e.busy = 1
+                        e.ref = True  # CLOCK: a new block is referenced
                         e.replace = replace
                         f.ring.append(e)
                         entries[i] = e

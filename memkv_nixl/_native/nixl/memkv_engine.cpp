@@ -24,6 +24,7 @@
 #include <limits.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
+#include <dlfcn.h>
 #include <unistd.h>
 
 #include "memkv_conn.h"
@@ -58,7 +59,35 @@ struct Config {
     int threads = 4;
 };
 
-enum class Kind { DRAM, OBJ, FILE };
+enum class Kind { DRAM, VRAM, OBJ, FILE };
+
+// CUDA runtime, loaded at engine creation only where it exists: VRAM_SEG transfers are staged
+// through pinned host memory. Nothing here runs (or is linked) on a machine without CUDA.
+struct Cuda {
+    int (*getDeviceCount)(int *) = nullptr;
+    int (*memcpy)(void *, const void *, size_t, int) = nullptr;  // kind 4: cudaMemcpyDefault (UVA)
+    int (*mallocHost)(void **, size_t) = nullptr;
+    int (*freeHost)(void *) = nullptr;
+    bool ok = false;
+
+    Cuda() {
+        void *lib = nullptr;
+        for (const char *name : {"libcudart.so.12", "libcudart.so.13", "libcudart.so"})
+            if ((lib = dlopen(name, RTLD_NOW | RTLD_LOCAL))) break;
+        int devices = 0;
+        if (lib) {
+            getDeviceCount = (int (*)(int *))dlsym(lib, "cudaGetDeviceCount");
+            memcpy = (int (*)(void *, const void *, size_t, int))dlsym(lib, "cudaMemcpy");
+            mallocHost = (int (*)(void **, size_t))dlsym(lib, "cudaMallocHost");
+            freeHost = (int (*)(void *))dlsym(lib, "cudaFreeHost");
+            ok = getDeviceCount && memcpy && mallocHost && freeHost && getDeviceCount(&devices) == 0 &&
+                 devices > 0;
+        }
+        if (!ok)
+            std::fprintf(stderr, "memkv-nixl: no CUDA device/runtime found; VRAM_SEG is not offered "
+                                 "(DRAM, OBJ and FILE are)\n");
+    }
+};
 
 struct MemkvMD : nixlBackendMD {
     Kind kind;
@@ -68,6 +97,7 @@ struct MemkvMD : nixlBackendMD {
 
 struct Job {
     nixl_xfer_op_t op;
+    bool vram = false;     // local side is GPU memory: stage through pinned host memory
     bool replace = false;  // region mode
     std::vector<std::string> keys;
     std::vector<uint64_t> ptrs, lens;
@@ -117,7 +147,11 @@ public:
     bool supportsRemote() const override { return false; }
     bool supportsLocal() const override { return true; }
     bool supportsNotif() const override { return false; }
-    nixl_mem_list_t getSupportedMems() const override { return MEMKV_PLUGIN_MEMS; }
+    nixl_mem_list_t getSupportedMems() const override {
+        nixl_mem_list_t mems = MEMKV_PLUGIN_MEMS;
+        if (cuda_.ok) mems.push_back(VRAM_SEG);
+        return mems;
+    }
 
     nixl_status_t registerMem(const nixlBlobDesc &mem, const nixl_mem_t &type,
                               nixlBackendMD *&out) override {
@@ -136,6 +170,10 @@ public:
                 out = new MemkvMD(Kind::OBJ, key);
                 return NIXL_SUCCESS;
             }
+            case VRAM_SEG:
+                if (!cuda_.ok) return NIXL_ERR_NOT_SUPPORTED;
+                out = new MemkvMD(Kind::VRAM, "");
+                return NIXL_SUCCESS;
             case FILE_SEG: {
                 std::string region = region_of((int)mem.devId);
                 if (region.empty()) return NIXL_ERR_INVALID_PARAM;
@@ -167,15 +205,16 @@ public:
                            nixlBackendReqH *&handle, const nixl_opt_b_args_t *) const override {
         try {
             if (op != NIXL_READ && op != NIXL_WRITE) return NIXL_ERR_INVALID_PARAM;
-            if (local.getType() != DRAM_SEG ||
-                (remote.getType() != OBJ_SEG && remote.getType() != FILE_SEG)) {
-                logf("transfers go between DRAM and OBJ or FILE descriptors%s", "");
+            bool local_ok = local.getType() == DRAM_SEG || (local.getType() == VRAM_SEG && cuda_.ok);
+            if (!local_ok || (remote.getType() != OBJ_SEG && remote.getType() != FILE_SEG)) {
+                logf("transfers go between DRAM%s and OBJ or FILE descriptors", cuda_.ok ? " or VRAM" : "");
                 return NIXL_ERR_NOT_SUPPORTED;
             }
             if (local.descCount() != remote.descCount()) return NIXL_ERR_INVALID_PARAM;
             auto job = std::make_shared<Job>();
             job->op = op;
             job->replace = remote.getType() == FILE_SEG;
+            job->vram = local.getType() == VRAM_SEG;
             size_t n = (size_t)local.descCount();
             job->keys.reserve(n);
             job->ptrs.reserve(n);
@@ -276,6 +315,7 @@ private:
     mutable std::deque<std::shared_ptr<Job>> queue_;
     bool stop_ = false;
     std::vector<std::thread> workers_;
+    Cuda cuda_;  // before the workers start: they read it
 
     std::string configure(const nixl_b_params_t &params) {
         nixl_b_params_t p = MEMKV_PLUGIN_DEFAULTS;
@@ -404,7 +444,7 @@ private:
                 job = queue_.front();
                 queue_.pop_front();
             }
-            int status = run_transfer(*job);
+            int status = job->vram ? run_staged(*job) : run_transfer(*job);
             std::lock_guard<std::mutex> g(job->mu);
             job->status = status;
             job->running = false;
@@ -434,6 +474,34 @@ private:
                          seeds.data(), owner.data());
         for (size_t i = 0; i < n; i++) groups[owner[i]].push_back(i);
         return groups;
+    }
+
+    // GPU memory: one pinned host buffer for the job; WRITE copies device->host first, READ
+    // copies host->device after a successful load. Blocks are never served from GPU memory.
+    int run_staged(Job &job) const {
+        uint64_t total = 0;
+        for (uint64_t l : job.lens) total += l;
+        void *stage = nullptr;
+        if (cuda_.mallocHost(&stage, total) != 0) {
+            logf("cannot allocate %s bytes of pinned staging memory%s", std::to_string(total));
+            return NIXL_ERR_BACKEND;
+        }
+        std::vector<uint64_t> gpu = job.ptrs;
+        uint64_t off = 0;
+        for (size_t i = 0; i < gpu.size(); off += job.lens[i], i++) job.ptrs[i] = (uint64_t)stage + off;
+        int status = NIXL_SUCCESS;
+        if (job.op == NIXL_WRITE)
+            for (size_t i = 0; i < gpu.size() && status == NIXL_SUCCESS; i++)
+                if (cuda_.memcpy((void *)job.ptrs[i], (const void *)gpu[i], job.lens[i], 4) != 0)
+                    status = NIXL_ERR_BACKEND;
+        if (status == NIXL_SUCCESS) status = run_transfer(job);
+        if (status == NIXL_SUCCESS && job.op == NIXL_READ)
+            for (size_t i = 0; i < gpu.size() && status == NIXL_SUCCESS; i++)
+                if (cuda_.memcpy((void *)gpu[i], (const void *)job.ptrs[i], job.lens[i], 4) != 0)
+                    status = NIXL_ERR_BACKEND;
+        job.ptrs = std::move(gpu);  // a re-post stages again
+        cuda_.freeHost(stage);
+        return status;
     }
 
     int run_transfer(Job &job) const {
