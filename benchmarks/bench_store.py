@@ -31,10 +31,6 @@ from memkv_nixl.units import format_size, parse_size  # noqa: E402
 GB = 1e9
 
 
-def median_of(repeat: int, fn) -> float:
-    return statistics.median(fn() for _ in range(repeat))
-
-
 # ---- ceilings ----------------------------------------------------------------------------------
 def raw_socket_gbps(block: int, total: int) -> float:
     """One loopback TCP stream, sender and receiver threads, no framing: the wire ceiling."""
@@ -131,26 +127,34 @@ def pctl(values, q: float) -> float:
     return s[min(len(s) - 1, int(q * len(s)))]
 
 
-def bench_memkv(client: Client, block: int, total: int, repeat: int, tag: str):
-    """Returns (put GB/s, get GB/s, put p50/p99 ms, get p50/p99 ms) medians over repeats."""
+def bench_memkv(client: Client, block: int, total: int, repeat: int, tag: str, disk_path: str):
+    """Put/get GB/s with the ceilings measured right before each repeat (this machine drifts by
+    tens of percent within minutes), so each repeat yields its own ratios; medians are returned."""
     n = max(4, total // block)
     per_call = max(1, (64 << 20) // block)  # ~64 MiB per batched call
     src = [os.urandom(block) for _ in range(min(n, 8))]
     bufs = [bytearray(block) for _ in range(per_call)]
-    puts, gets = [], []
+    rows = []
     for r in range(repeat):
+        sock = raw_socket_gbps(block, total)
+        dw = disk_gbps(disk_path, block, total, True)
+        dr = disk_gbps(disk_path, block, total, False)
+        os.unlink(disk_path)
         keys = [f"{tag}/{block}/{r}/{i}".encode() for i in range(n)]
         t0 = time.perf_counter()
         for k in range(0, n, per_call):
             st = client.put(keys[k:k + per_call], [src[i % len(src)] for i in range(k, min(n, k + per_call))])
             assert all(s == Status.OK for s in st), set(st)
-        puts.append(n * block / (time.perf_counter() - t0) / GB)
+        put = n * block / (time.perf_counter() - t0) / GB
         t0 = time.perf_counter()
         for k in range(0, n, per_call):
             chunk = keys[k:k + per_call]
             st = client.get(chunk, bufs[:len(chunk)])
             assert all(s == Status.OK for s in st), set(st)
-        gets.append(n * block / (time.perf_counter() - t0) / GB)
+        get = n * block / (time.perf_counter() - t0) / GB
+        rows.append({"sock": sock, "dw": dw, "dr": dr, "put": put, "get": get,
+                     "put_ratio": put / min(sock, dw), "get_ratio": get / sock})
+    med = {k: statistics.median(row[k] for row in rows) for k in rows[0]}
     # latency of single-block calls
     lat_put, lat_get = [], []
     keys = [f"{tag}/lat/{block}/{i}".encode() for i in range(min(64, max(8, (256 << 20) // block)))]
@@ -162,8 +166,9 @@ def bench_memkv(client: Client, block: int, total: int, repeat: int, tag: str):
         t0 = time.perf_counter()
         client.get([k], bufs[:1])
         lat_get.append((time.perf_counter() - t0) * 1e3)
-    return (statistics.median(puts), statistics.median(gets), pctl(lat_put, .5), pctl(lat_put, .99),
-            pctl(lat_get, .5), pctl(lat_get, .99))
+    med.update(pp50=pctl(lat_put, .5), pp99=pctl(lat_put, .99), gp50=pctl(lat_get, .5),
+               gp99=pctl(lat_get, .99))
+    return med
 
 
 def bench_exists(client: Client, calls: int = 300):
@@ -179,7 +184,7 @@ def bench_exists(client: Client, calls: int = 300):
 
 def bench_startup(workdir: str, blocks: int) -> float:
     """Put `blocks` 4 KiB blocks, kill -9 the server, restart: seconds to rebuild the index."""
-    srv = ServerProc(os.path.join(workdir, "startup"), blocks * 8192 * 2, "async")
+    srv = ServerProc(os.path.join(workdir, "startup"), max(blocks * 8192 * 2, 256 << 20), "async")
     try:
         with Client(srv.endpoint, namespace="startup") as c:
             payload = bytes(4096)
@@ -267,17 +272,10 @@ def main(argv=None) -> None:
     peers = load_peers(a.no_peers)
     capacity = max(2 * total * a.repeat + (1 << 30), 4 << 30)
     srv = ServerProc(workdir, capacity, a.durability)
-    results = []
     try:
         with Client(srv.endpoint, namespace="bench") as client:
             for block in sizes:
-                sock = median_of(a.repeat, lambda: raw_socket_gbps(block, total))
-                mem = median_of(a.repeat, lambda: memcpy_gbps(block, total))
-                dpath = os.path.join(workdir, "odirect.bin")
-                dw = median_of(a.repeat, lambda: disk_gbps(dpath, block, total, True))
-                dr = median_of(a.repeat, lambda: disk_gbps(dpath, block, total, False))
-                os.unlink(dpath)
-                put, get, pp50, pp99, gp50, gp99 = bench_memkv(client, block, total, a.repeat, "b")
+                m = bench_memkv(client, block, total, a.repeat, "b", os.path.join(workdir, "odirect.bin"))
                 peer_res = {}
                 for cls in peers:
                     try:
@@ -285,18 +283,19 @@ def main(argv=None) -> None:
                     except Exception as e:  # noqa: BLE001 - a peer's failure is reported, not fatal
                         print(f"# peer {cls.name} failed at {format_size(block)}: "
                               f"{str(e).splitlines()[0][:200]}", flush=True)
-                results.append((block, sock, mem, dw, dr, put, get, pp50, pp99, gp50, gp99, peer_res))
                 name = format_size(block)
-                print(f"ceiling {name:>6}: raw socket {sock:.2f} GB/s, memcpy {mem:.2f} GB/s, "
-                      f"O_DIRECT write {dw:.2f} GB/s, read {dr:.2f} GB/s")
-                put_ceiling = min(sock, dw)
-                line_put = (f"put {name:>6}: {put:.2f} GB/s = {put / put_ceiling:.2f} x min(raw socket, "
-                            f"O_DIRECT write) [{a.durability}]; single-block p50 {pp50:.2f} ms p99 {pp99:.2f} ms")
-                line_get = (f"get {name:>6}: {get:.2f} GB/s = {get / sock:.2f} x raw socket; "
-                            f"single-block p50 {gp50:.2f} ms p99 {gp99:.2f} ms")
+                print(f"ceiling {name:>6}: raw socket {m['sock']:.2f} GB/s, memcpy "
+                      f"{memcpy_gbps(block, total):.2f} GB/s, O_DIRECT write {m['dw']:.2f} GB/s, "
+                      f"read {m['dr']:.2f} GB/s (medians; each repeat measures its own, just before it)")
+                line_put = (f"put {name:>6}: {m['put']:.2f} GB/s = {m['put_ratio']:.2f} x min(raw socket, "
+                            f"O_DIRECT write) [{a.durability}, median of per-repeat ratios]; single-block "
+                            f"p50 {m['pp50']:.2f} ms p99 {m['pp99']:.2f} ms")
+                line_get = (f"get {name:>6}: {m['get']:.2f} GB/s = {m['get_ratio']:.2f} x raw socket "
+                            f"[median of per-repeat ratios]; single-block p50 {m['gp50']:.2f} ms "
+                            f"p99 {m['gp99']:.2f} ms")
                 for pname, (pput, pget) in peer_res.items():
-                    line_put += f"; {put / pput:.2f} x {pname} ({pput:.2f} GB/s)"
-                    line_get += f"; {get / pget:.2f} x {pname} ({pget:.2f} GB/s)"
+                    line_put += f"; {m['put'] / pput:.2f} x {pname} ({pput:.2f} GB/s)"
+                    line_get += f"; {m['get'] / pget:.2f} x {pname} ({pget:.2f} GB/s)"
                 print(line_put)
                 print(line_get, flush=True)
             p50, p99 = bench_exists(client)
