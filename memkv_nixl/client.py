@@ -14,8 +14,7 @@ from array import array
 from concurrent.futures import ThreadPoolExecutor
 
 from . import native
-from .errors import (AuthError, ConnectionFailed, InvalidArgument, MemkvError, ProtocolError,
-                     ServerError)
+from .errors import ConnectionFailed, InvalidArgument, ProtocolError, ServerError
 from .protocol import MAX_KEY, MAX_NAMESPACE, Op, Status
 from .transport.tcp import Connection
 
@@ -401,5 +400,3 @@ class Client:
                 out[ep.name] = {"error": str(e)}
         return out
 
-
-__all__ = ["Client", "Status", "MemkvError", "AuthError", "InvalidArgument"]

@@ -23,7 +23,6 @@ import stat
 import threading
 import time
 import uuid
-from array import array
 
 from .. import native
 from ..diskformat import (ALIGN, CKPT_FILE, CKPT_HDR, CKPT_MAGIC, CKPT_TRAILER, FLAG_PINNED,
