@@ -38,21 +38,24 @@ static void frame(struct memkv_frame_hdr *h, uint8_t op, uint16_t flags, uint32_
     h->body_len = body_len;
 }
 
+/* After an ERROR frame header: read its text into err (the caller's buffer); returns 1. */
+static int read_error_text(struct memkv_conn *c, const struct memkv_frame_hdr *h, char *err, size_t n) {
+    char text[1024];
+    size_t k = h->body_len < sizeof text - 1 ? h->body_len : sizeof text - 1;
+    int rc = memkv_recv_all(c->fd, text, k);
+    if (rc) return rc;
+    text[k] = 0;
+    c->last_status = h->status;
+    if (err && n) snprintf(err, n, "%s", text);
+    return 1;
+}
+
 /* Read an expected reply header; 1 with the server's text in err when it is an ERROR frame. */
 static int read_reply(struct memkv_conn *c, uint8_t op, struct memkv_frame_hdr *h, char *err, size_t n) {
     int rc = memkv_recv_all(c->fd, h, sizeof *h);
     if (rc) return rc;
     if (h->magic != MEMKV_WIRE_MAGIC) return -EPROTO;
-    if (h->op == MEMKV_OP_ERROR) {
-        char text[1024];
-        size_t k = h->body_len < sizeof text - 1 ? h->body_len : sizeof text - 1;
-        rc = memkv_recv_all(c->fd, text, k);
-        if (rc) return rc;
-        text[k] = 0;
-        c->last_status = h->status;
-        set_err(err, n, "%s%.0d", text, 0);
-        return 1;
-    }
+    if (h->op == MEMKV_OP_ERROR) return read_error_text(c, h, err, n);
     return h->op == op ? 0 : -EPROTO;
 }
 
@@ -201,17 +204,7 @@ int memkv_conn_get(struct memkv_conn *c, uint32_t n, const uint8_t *keys, const 
     struct memkv_frame_hdr rep;
     int rc = memkv_client_get(c->fd, head, head_len, n, ptrs, caps, verify, &rep, status, lens);
     free(head);
-    if (rc == 1) { /* an ERROR frame: its text follows */
-        char text[1024];
-        size_t k = rep.body_len < sizeof text - 1 ? rep.body_len : sizeof text - 1;
-        rc = memkv_recv_all(c->fd, text, k);
-        if (rc) return rc;
-        text[k] = 0;
-        c->last_status = rep.status;
-        set_err(err, err_len, "%s%.0d", text, 0);
-        return 1;
-    }
-    return rc;
+    return rc == 1 ? read_error_text(c, &rep, err, err_len) : rc; /* 1: an ERROR frame */
 }
 
 int memkv_conn_keyed(struct memkv_conn *c, uint8_t op, uint32_t n, const uint8_t *keys,
