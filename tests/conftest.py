@@ -3,6 +3,7 @@ import os
 
 os.environ.setdefault("UCX_MODULES", "^efa")  # before anything may load NIXL/UCX
 
+import shutil
 import signal
 import subprocess
 import sys
@@ -101,6 +102,8 @@ def memkv_server(tmp_path):
     yield make
     for s in servers:
         s.kill9()
+        # data files are preallocated (hundreds of MiB each): never leave them behind
+        shutil.rmtree(s.data, ignore_errors=True)
 
 
 @pytest.fixture
