@@ -6,14 +6,11 @@ under content-addressed keys, loads them back, then restarts the server (clean s
 and shows the blocks are still served, byte-identical. Run it twice: the second run finds the
 blocks of the first one already stored.
 """
-import os
-import re
-import subprocess
-import sys
 import time
 
 from . import Client, Status, native
 from .server.config import default_data_dir
+from .server.local import LocalServer
 
 PAGE_TOKENS = 16
 BLOCK_BYTES = 2 << 20  # Llama-3-8B, bf16, TP1: 32 layers x 2 x 16 tokens x 8 heads x 128 x 2 B
@@ -37,44 +34,9 @@ def _block_bytes(key: bytes) -> bytes:
     return (seed * (BLOCK_BYTES // 8))
 
 
-class _LocalServer:
-    def __init__(self, data: str):
-        self.data = data
-        self.log_path = os.path.join(data, "demo-server.log")
-        os.makedirs(data, exist_ok=True)
-
-    def start(self) -> float:
-        t0 = time.monotonic()
-        self.log = open(self.log_path, "a")
-        self.proc = subprocess.Popen([sys.executable, "-m", "memkv_nixl.cli", "serve", "--data",
-                                      self.data, "--listen", "127.0.0.1:0"],
-                                     stdout=self.log, stderr=subprocess.STDOUT)
-        start = os.path.getsize(self.log_path)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            with open(self.log_path) as f:
-                f.seek(start)
-                m = re.search(r"memkv serving on (\S+)", f.read())
-            if m:
-                self.endpoint = "memkv://" + m.group(1)
-                return time.monotonic() - t0
-            if self.proc.poll() is not None:
-                break
-            time.sleep(0.05)
-        raise SystemExit(f"memkv server did not start; see {self.log_path}")
-
-    def stop(self, kill: bool = False) -> None:
-        if kill:
-            self.proc.kill()
-        else:
-            self.proc.terminate()
-        self.proc.wait(60)
-        self.log.close()
-
-
 def main(args) -> None:
     data = args.data or default_data_dir()
-    srv = _LocalServer(data)
+    srv = LocalServer(data)
     print(f"memkv demo: data directory {data}")
     t = srv.start()
     print(f"  server up on {srv.endpoint} in {t:.2f} s")

