@@ -16,7 +16,8 @@ def _serve(a) -> None:
     from .server.server import run
     overrides = {"data": a.data, "capacity": a.capacity, "listen": a.listen,
                  "durability": a.durability, "secret_file": a.secret_file, "min_block": a.min_block,
-                 "max_block": a.max_block, "meta_dir": a.meta_dir, "io_threads": a.io_threads}
+                 "max_block": a.max_block, "meta_dir": a.meta_dir, "io_threads": a.io_threads,
+                 "ram_cache": a.ram_cache}
     cfg = config.load(a.config, overrides).resolved()
     logging.getLogger().setLevel(cfg.log_level)
     run(cfg)
@@ -96,6 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-block", help="largest block accepted (default 64MiB)")
     s.add_argument("--meta-dir", help="where the journal and checkpoint live (default: first --data)")
     s.add_argument("--io-threads", type=int, help="O_DIRECT I/O threads (default 4)")
+    s.add_argument("--ram-cache", help="DRAM read cache for hot blocks, e.g. 4GiB (default 1GiB; 0: off)")
     s.set_defaults(func=_serve)
 
     p = sub.add_parser("put", help="store a file's bytes under a key")

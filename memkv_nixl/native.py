@@ -23,11 +23,13 @@ if _built != __version__:  # pragma: no cover - a stale build must fail loudly
                      "rebuild with scripts/setup.sh")
 
 # struct memkv_io, as a Python struct (offsets are checked against C in tests/test_formats.py)
-IO = struct.Struct("<iIQQQQQQHBBB3x")
+IO = struct.Struct("<iIQQQQQQHBBB3xQQ")
+IO_ACTION_AT = 58
 IO_STATUS_AT = 59
 IO_RESULT_AT = 60
-ACT_STORE, ACT_DRAIN, ACT_LOAD, ACT_REPLY = (lib.MEMKV_ACT_STORE, lib.MEMKV_ACT_DRAIN,
-                                             lib.MEMKV_ACT_LOAD, lib.MEMKV_ACT_REPLY)
+ACT_STORE, ACT_DRAIN, ACT_LOAD, ACT_REPLY, ACT_RAM = (
+    lib.MEMKV_ACT_STORE, lib.MEMKV_ACT_DRAIN, lib.MEMKV_ACT_LOAD, lib.MEMKV_ACT_REPLY,
+    lib.MEMKV_ACT_RAM)
 RES_OK, RES_BAD_CSUM, RES_IO, RES_STALE, RES_CORRUPT, RES_PRESET = (
     lib.MEMKV_RES_OK, lib.MEMKV_RES_BAD_CSUM, lib.MEMKV_RES_IO, lib.MEMKV_RES_STALE,
     lib.MEMKV_RES_CORRUPT, lib.MEMKV_RES_PRESET)

@@ -48,7 +48,9 @@ class MemkvServer:
     def start(self) -> None:
         args = [sys.executable, "-m", "memkv_nixl.cli", "serve", "--data", str(self.data),
                 "--capacity", str(self.capacity), "--listen", f"127.0.0.1:{self.port}",
-                "--durability", self.durability, *self.extra]
+                "--durability", self.durability, *self.extra,
+                # a small DRAM cache: tests run many servers, each faults its cache in at start
+                *([] if "--ram-cache" in self.extra else ["--ram-cache", "32MiB"])]
         start_at = self.log_path.stat().st_size if self.log_path.exists() else 0
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(args, stdout=self._log, stderr=subprocess.STDOUT, cwd=ROOT)

@@ -172,6 +172,10 @@ def test_two_data_paths_share_the_blocks_and_both_recover(memkv_server, tmp_path
             b = f.read(1)
             f.seek(4096 + 256 + 10)
             f.write(bytes([b[0] ^ 1]))
+    with s.client() as c:  # read before: served from the DRAM cache, verified when it was cached
+        st, got = _read_all(c, keys, 65536)
+        assert st == [Status.OK] * 40 and got == data
+    s.restart()  # a fresh process has an empty cache and reads the disk
     with s.client() as c:
         st, _ = _read_all(c, keys, 65536)
         assert st.count(Status.MISS) == 2

@@ -37,10 +37,12 @@ def test_io_row_layout_equals_c():
     assert native.IO_STATUS_AT == ffi.offsetof("struct memkv_io", "status")
     assert native.IO_RESULT_AT == ffi.offsetof("struct memkv_io", "result")
     row = bytearray(native.IO.size)
-    native.IO.pack_into(row, 0, 3, 4, 5, 6, 7, 8, 9, 10, 11, 1, 2, 3)
+    assert native.IO_ACTION_AT == ffi.offsetof("struct memkv_io", "action")
+    native.IO.pack_into(row, 0, 3, 4, 5, 6, 7, 8, 9, 10, 11, 1, 2, 3, 12, 13)
     c = ffi.from_buffer("struct memkv_io[]", row)[0]
     assert (c.fd, c.ns_id, c.off, c.len, c.csum, c.seq, c.cap, int(ffi.cast("uintptr_t", c.key)),
-            c.key_len, c.action, c.status, c.result) == (3, 4, 5, 6, 7, 8, 9, 10, 11, 1, 2, 3)
+            c.key_len, c.action, c.status, c.result, c.ram, c.fill) == \
+        (3, 4, 5, 6, 7, 8, 9, 10, 11, 1, 2, 3, 12, 13)
 
 
 def test_descriptor_table_built_in_c_parses_in_python():

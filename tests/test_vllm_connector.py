@@ -31,7 +31,8 @@ def env(tmp_path_factory):
     d = tmp_path_factory.mktemp("vllm")
     m0 = tiny_llama.build(str(d / "model0"), seed=0)
     m1 = tiny_llama.build(str(d / "model1"), seed=1)
-    server = MemkvServer(d, "memkv", capacity="512MiB")
+    # no DRAM cache: the corruption test must reach the bytes on disk
+    server = MemkvServer(d, "memkv", capacity="512MiB", extra=["--ram-cache", "0"])
     stats = {n: str(d / f"{n}-stats.json") for n in "ABC"}
     specs = {"A": (m0, True), "B": (m0, False), "C": (m1, True)}
     engines, errors = {}, []
@@ -167,3 +168,24 @@ def test_corrupt_blocks_are_recomputed_never_served(env):
     assert after["load_failed"] > before.get("load_failed", 0)
     with server.client("vllm") as c:
         assert c.stats()[server.address]["counters"]["get_corrupt"] >= 1
+
+
+def test_unknown_or_bad_settings_are_named_with_the_known_ones():
+    from memkv_nixl.integrations.vllm import connector_settings
+    with pytest.raises(ValueError, match=r"unknown kv_connector_extra_config key\(s\) \['endpoint'\].*"
+                                         r"known keys: \[.*'endpoints'"):
+        connector_settings({"endpoint": "memkv://x:1"})
+    with pytest.raises(ValueError, match="timeout_s must be a number"):
+        connector_settings({"timeout_s": "soon"})
+    assert connector_settings(None)["endpoints"] == "memkv://127.0.0.1:9900"
+
+
+def test_readme_documents_every_connector_setting_with_its_default():
+    from memkv_nixl.integrations.vllm import SETTINGS
+    readme = open(os.path.join(ROOT, "README.md")).read().split("## vLLM and Dynamo")[1]
+    for key, (default, meaning) in SETTINGS.items():
+        row = next((line for line in readme.splitlines() if line.startswith(f"| `{key}` |")), None)
+        assert row is not None, f"README has no row for connector setting {key}"
+        assert meaning in row
+        if default is not None:
+            assert f"`{default:g}`" in row if isinstance(default, float) else f"`{default}`" in row

@@ -88,6 +88,7 @@ enum memkv_action {
     MEMKV_ACT_DRAIN = 1, /* PUT: receive and discard (duplicate or refused); status preset */
     MEMKV_ACT_LOAD = 2,  /* GET: read the record, verify it, send it */
     MEMKV_ACT_REPLY = 3, /* GET: send only the preset status */
+    MEMKV_ACT_RAM = 4,   /* GET: send the payload from the DRAM cache (io->ram, verified when cached) */
 };
 
 /* Per-descriptor result codes the server's Python side acts on (not sent on the wire). */
@@ -115,6 +116,8 @@ struct memkv_io {
     uint8_t status;      /* in: preset wire status for DRAIN/REPLY; out: wire status sent/acked */
     uint8_t result;      /* out: enum memkv_result */
     uint8_t reserved[3];
+    uint64_t ram;        /* ACT_RAM: address of the cached payload */
+    uint64_t fill;       /* ACT_LOAD: where to copy the payload once verified (DRAM cache), or 0 */
 };
 
 struct memkv_arena; /* per-connection pool of aligned staging buffers, reused across requests */

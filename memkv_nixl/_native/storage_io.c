@@ -117,6 +117,8 @@ static void run_job(struct job *j) {
     if (verify) {
         struct memkv_io *io = ss->io;
         io->result = ss->err ? MEMKV_RES_IO : verify_record((struct memkv_rec_hdr *)j->rec, io);
+        if (io->result == MEMKV_RES_OK && io->fill) /* into the DRAM cache, here beside the send */
+            memcpy((void *)(uintptr_t)io->fill, j->rec + MEMKV_REC_HDR, io->len);
         pthread_mutex_lock(&j->b->mu);
         ss->ready = 1;
         pthread_cond_broadcast(&j->b->cv);
@@ -447,6 +449,13 @@ int memkv_server_get(int sock, struct memkv_arena *a, struct memkv_io *ios, uint
                 iov[1].iov_len = io->len;
                 cnt = 2;
             }
+        } else if (io->action == MEMKV_ACT_RAM) {
+            io->result = MEMKV_RES_OK;
+            rep.len = io->len;
+            rep.csum = io->csum;
+            iov[1].iov_base = (void *)(uintptr_t)io->ram;
+            iov[1].iov_len = io->len;
+            cnt = 2;
         }
         rep.status = io->status;
         fatal = memkv_send_iov(sock, iov, cnt);

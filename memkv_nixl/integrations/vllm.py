@@ -334,7 +334,8 @@ class _WorkerSide:
         self.save_inflight = 0
         self.saves: queue.Queue = queue.Queue()
         self.lock = threading.Lock()
-        self.stats = dict(loaded_blocks=0, loaded_bytes=0, load_seconds=0.0, load_failed=0,
+        self.stats = dict(loaded_blocks=0, loaded_bytes=0, load_seconds=0.0,
+                          load_network_seconds=0.0, load_failed=0,
                           saved_blocks=0, saved_bytes=0, save_failed=0, save_dropped=0)
         self.saver = threading.Thread(target=self._save_loop, name="memkv-vllm-save", daemon=True)
         self.saver.start()
@@ -362,6 +363,7 @@ class _WorkerSide:
         t0 = time.perf_counter()
         n, bb = len(block_ids), self.block_bytes
         ok = [False] * n
+        t_get = 0.0
         try:
             if self.load_buf is None or self.load_buf.shape[0] < n:
                 self.load_buf = self._host_buffer(max(n, 64))  # reused: no page faults per load
@@ -386,7 +388,7 @@ class _WorkerSide:
             s["loaded_bytes"] += (n - len(failed)) * bb
             s["load_failed"] += len(failed)
             s["load_seconds"] += time.perf_counter() - t0
-            s["load_get_seconds"] = s.get("load_get_seconds", 0) + t_get
+            s["load_network_seconds"] += t_get
         if failed:
             log.warning("memkv: %d of %d blocks could not be loaded (missing, evicted or failed "
                         "their checksum); vLLM recomputes them", len(failed), n)

@@ -30,6 +30,7 @@ class ServerConfig:
     max_batch: int = MAX_BATCH
     meta_dir: str | None = None       # journal + checkpoint; default: the first data directory
     io_threads: int = 4
+    ram_cache: int = 1 << 30          # DRAM read cache for hot blocks; 0: off
     idle_timeout: float = 300.0
     log_level: str = "INFO"
 
@@ -90,7 +91,7 @@ class ServerConfig:
         return s
 
 
-_SIZE_FIELDS = {"capacity", "min_block", "max_block"}
+_SIZE_FIELDS = {"capacity", "min_block", "max_block", "ram_cache"}
 
 
 def load(config_file: str | None, overrides: dict) -> ServerConfig:

@@ -31,6 +31,7 @@ from ..diskformat import (ALIGN, CKPT_FILE, CKPT_HDR, CKPT_MAGIC, CKPT_TRAILER, 
                           record_length)
 from ..errors import StoreError
 from ..protocol import Status
+from .ramcache import RamCache
 
 log = logging.getLogger("memkv.store")
 
@@ -147,8 +148,9 @@ def _write_aligned(fd: int, off: int, data: bytes) -> None:
 
 class Store:
     def __init__(self, data_paths: list[str], meta_dir: str, capacity: int, *, sync: bool,
-                 min_block: int, max_block: int):
+                 min_block: int, max_block: int, ram_cache: int = 0):
         self.sync = sync
+        self.ram = RamCache(ram_cache)
         self.min_block = min_block
         self.max_block = max_block
         self.meta_dir = meta_dir
@@ -183,6 +185,7 @@ class Store:
         self._stop = threading.Event()
         self._flusher = threading.Thread(target=self._flush_loop, name="memkv-journal", daemon=True)
         self._flusher.start()
+        self.ram.start(self._lock)
 
     # ---- namespaces ------------------------------------------------------------------------
     def namespace(self, name: str) -> int:
@@ -230,7 +233,8 @@ class Store:
                 e = entries[i]
                 native.IO.pack_into(ios, i * native.IO.size, e.file.fd if e else -1, ns_id,
                                     e.off if e else 0, length, 0, e.seq if e else 0, 0,
-                                    key_addrs[i], len(key), action, status, native.RES_PRESET)
+                                    key_addrs[i], len(key), action, status, native.RES_PRESET,
+                                    0, 0)
         return ios, entries
 
     def commit_put(self, entries: list, ios: bytearray) -> list[Status]:
@@ -332,31 +336,43 @@ class Store:
             self._journal(MetaType.EVICT, ns.id, e.key, e.file.number, e.seq)
 
     # ---- get -------------------------------------------------------------------------------
-    def plan_get(self, ns_id: int, keys: list[bytes], caps, key_addrs) -> tuple[bytearray, list]:
+    def plan_get(self, ns_id: int, keys: list[bytes], caps, key_addrs) -> tuple[bytearray, tuple]:
+        """Per key: send from the DRAM cache, read from disk (filling the cache), or reply a status.
+        The plan keeps every buffer C touches alive until finish_get."""
         n = len(keys)
         ios = bytearray(native.IO.size * n)
         entries: list = [None] * n
+        slots: list = [None] * n  # DRAM cache slots sent from or filled
         ns = self.namespaces[ns_id]
         with self._lock:
             for i, key in enumerate(keys):
                 e = ns.index.get(key)
-                action, status = native.ACT_REPLY, Status.MISS
+                action, status, ram, fill = native.ACT_REPLY, Status.MISS, 0, 0
                 if e is not None:
                     if e.len > caps[i]:
                         status = Status.BUFFER_TOO_SMALL
                     else:
-                        e.busy += 1
                         e.ref = True
                         entries[i] = e
-                        action, status = native.ACT_LOAD, Status.OK
+                        status = Status.OK
+                        slot = self.ram.lookup(e)
+                        if slot is not None:
+                            action, ram = native.ACT_RAM, self.ram.address(slot)
+                        else:
+                            e.busy += 1
+                            action, slot = native.ACT_LOAD, self.ram.reserve(e)
+                            fill = self.ram.address(slot) if slot is not None else 0
+                        slots[i] = slot
                 native.IO.pack_into(ios, i * native.IO.size, e.file.fd if e else -1, ns_id,
                                     e.off if e else 0, e.len if e else 0, e.csum if e else 0,
                                     e.seq if e else 0, caps[i], key_addrs[i], len(key), action,
-                                    status, native.RES_PRESET)
-        return ios, entries
+                                    status, native.RES_PRESET, ram, fill)
+        return ios, (entries, slots)
 
-    def finish_get(self, ns_id: int, entries: list, ios: bytearray) -> None:
+    def finish_get(self, ns_id: int, plan: tuple, ios: bytearray) -> None:
+        entries, slots = plan
         results = ios[native.IO_RESULT_AT::native.IO.size]
+        actions = ios[native.IO_ACTION_AT::native.IO.size]
         ns = self.namespaces[ns_id]
         with self._lock:
             for i, e in enumerate(entries):
@@ -365,7 +381,15 @@ class Store:
                     if r == native.RES_PRESET:
                         ns.misses += 1
                     continue
+                if actions[i] == native.ACT_RAM:
+                    self.ram.done(slots[i])
+                    if r == native.RES_OK:
+                        ns.hits += 1
+                        self.counters["get_from_ram"] += 1
+                    continue
                 e.busy -= 1
+                if slots[i] is not None:
+                    self.ram.filled(slots[i], r == native.RES_OK)
                 if r == native.RES_OK:
                     ns.hits += 1
                 elif r == native.RES_PRESET:
@@ -431,6 +455,7 @@ class Store:
                     "durability": "sync" if self.sync else "async",
                     "block_size_range": [self.min_block, self.max_block],
                     "startup_seconds": round(self.startup_s, 4), "counters": dict(self.counters),
+                    "ram_cache": self.ram.stats(),
                     "data_paths": [f.path for f in self.files], "namespaces": nss}
 
     # ---- journal -----------------------------------------------------------------------------

@@ -1,0 +1,78 @@
+"""The server's DRAM read cache: hot blocks come from memory, never stale, bounded in size."""
+import os
+import time
+
+from memkv_nixl import Status
+
+
+def _get(c, keys, size):
+    bufs = [bytearray(size) for _ in keys]
+    st = c.get(keys, bufs)
+    return st, [bytes(b) for b in bufs]
+
+
+def _stats(s, c):
+    return c.stats()[s.address]
+
+
+def _ready(s, c):
+    """The cache serves once its memory is faulted in (a background thread at start)."""
+    end = time.time() + 30
+    while not _stats(s, c)["ram_cache"]["ready"]:
+        assert time.time() < end, "DRAM cache never became ready"
+        time.sleep(0.02)
+
+
+def test_second_read_comes_from_memory_byte_exact(memkv_server):
+    s = memkv_server(extra=["--ram-cache", "64MiB"])
+    keys = [f"hot/{i}".encode() for i in range(4)]
+    data = [os.urandom(1 << 20) for _ in keys]
+    with s.client() as c:
+        _ready(s, c)
+        c.put(keys, data)
+        assert _get(c, keys, 1 << 20) == ([Status.OK] * 4, data)  # from disk, fills the cache
+        assert _stats(s, c)["counters"].get("get_from_ram", 0) == 0
+        assert _get(c, keys, 1 << 20) == ([Status.OK] * 4, data)
+        st = _stats(s, c)
+        assert st["counters"]["get_from_ram"] == 4
+        assert st["ram_cache"] == {"capacity_bytes": 64 << 20, "used_bytes": 4 << 20, "blocks": 4,
+                                   "ready": True}
+
+
+def test_deleted_or_replaced_blocks_are_never_served_from_memory(memkv_server):
+    s = memkv_server(extra=["--ram-cache", "64MiB"])
+    with s.client() as c:
+        _ready(s, c)
+        c.put([b"k", b"gone"], [b"1" * 8192, b"2" * 8192])
+        _get(c, [b"k", b"gone"], 8192)  # both cached now
+        assert c.delete([b"gone"]) == [Status.OK]
+        assert _get(c, [b"gone"], 8192)[0] == [Status.MISS]
+        assert c.put([b"gone"], [b"3" * 8192]) == [Status.OK]
+        assert _get(c, [b"gone"], 8192) == ([Status.OK], [b"3" * 8192])
+
+
+def test_cache_stays_within_its_size_oldest_out_first(memkv_server):
+    s = memkv_server(extra=["--ram-cache", "3MiB"])
+    keys = [f"fifo/{i}".encode() for i in range(5)]
+    data = [os.urandom(1 << 20) for _ in keys]
+    with s.client() as c:
+        _ready(s, c)
+        c.put(keys, data)
+        for k in keys:  # one at a time: each read caches its block, the oldest make room
+            _get(c, [k], 1 << 20)
+        cache = _stats(s, c)["ram_cache"]
+        assert cache["used_bytes"] == 3 << 20 and cache["blocks"] == 3
+        assert _get(c, keys[2:], 1 << 20) == ([Status.OK] * 3, data[2:])
+        assert _stats(s, c)["counters"]["get_from_ram"] == 3
+        assert _get(c, keys[:2], 1 << 20) == ([Status.OK] * 2, data[:2])  # from disk again
+        assert _stats(s, c)["counters"]["get_from_ram"] == 3
+
+
+def test_ram_cache_off(memkv_server):
+    s = memkv_server(extra=["--ram-cache", "0"])
+    with s.client() as c:
+        c.put([b"x"], [b"y" * 4096])
+        for _ in range(2):
+            assert _get(c, [b"x"], 4096) == ([Status.OK], [b"y" * 4096])
+        st = _stats(s, c)
+        assert st["ram_cache"]["blocks"] == 0 and "get_from_ram" not in st["counters"]
