@@ -1,7 +1,8 @@
 """The vLLM connector on real vLLM (CPU) engines in their own processes, against real memkv servers.
 
-Three engines run at once: A and B serve the same model, C a model with other weights. B keeps
-no local prefix cache, so each of its requests goes to memkv first.
+Three engines run at once: A and B serve the same model, C a model with other weights and no room
+for saves in flight (every save is dropped). B keeps no local prefix cache, so each of its
+requests goes to memkv first.
 """
 import os
 import sys
@@ -34,13 +35,14 @@ def env(tmp_path_factory):
     # no DRAM cache: the corruption test must reach the bytes on disk
     server = MemkvServer(d, "memkv", capacity="512MiB", extra=["--ram-cache", "0"])
     stats = {n: str(d / f"{n}-stats.json") for n in "ABC"}
-    specs = {"A": (m0, True), "B": (m0, False), "C": (m1, True)}
+    specs = {"A": (m0, True, {}), "B": (m0, False, {}), "C": (m1, True, {"save_buffer_mib": 0})}
     engines, errors = {}, []
 
     def start(name):
-        model, prefix_caching = specs[name]
+        model, prefix_caching, extra = specs[name]
         try:
-            engines[name] = Engine(model, kv_transfer_config(server.endpoint, stats_file=stats[name]),
+            engines[name] = Engine(model, kv_transfer_config(server.endpoint, stats_file=stats[name],
+                                                             **extra),
                                    str(d), name, prefix_caching=prefix_caching)
         except Exception as e:  # noqa: BLE001 - reported below with the engine's log
             errors.append(e)
@@ -114,6 +116,14 @@ def test_another_model_never_gets_these_blocks(env):
     _, eng, _ = env
     _, hits = _hits(eng["C"], n=N, seed=1)  # stored by A for model0 in the first test
     assert hits == 0
+
+
+def test_saves_beyond_the_buffer_are_dropped_and_counted_never_blocking(env):
+    _, eng, _ = env
+    out, _ = _hits(eng["C"], n=N, seed=3)
+    assert len(out["tokens"]) == OUT
+    stats = out["stats"]
+    assert stats["saved_blocks"] == 0 and stats["save_dropped"] >= N // 128
 
 
 def test_server_down_means_recompute_with_a_warning_then_hits_again(env):

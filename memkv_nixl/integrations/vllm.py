@@ -239,6 +239,8 @@ class _SchedulerSide:
     def after_alloc(self, request, num_external_tokens: int) -> None:
         st = self.requests.get(request.request_id)
         if st is not None and num_external_tokens > 0 and st.hits:
+            first, n = st.hits
+            st.hits = (first, min(n, num_external_tokens // self.block_size))
             self.pending_loads.add(request.request_id)
 
     def build_meta(self, so) -> MemKVConnectorMetadata:
@@ -332,6 +334,7 @@ class _WorkerSide:
         self.stats_file = settings["stats_file"]
         self.save_budget = settings["save_buffer_mib"] << 20
         self.save_inflight = 0
+        self.dropping = False
         self.saves: queue.Queue = queue.Queue()
         self.lock = threading.Lock()
         self.stats = dict(loaded_blocks=0, loaded_bytes=0, load_seconds=0.0,
@@ -413,18 +416,31 @@ class _WorkerSide:
         n = len(block_ids)
         nbytes = n * self.block_bytes
         with self.lock:
-            if self.save_inflight + nbytes > self.save_budget:
+            full = self.save_inflight + nbytes > self.save_budget
+            if full:
                 self.stats["save_dropped"] += n
-                log.warning("memkv: %d MiB of saves still in flight; dropping %d blocks (counted "
-                            "as save_dropped)", self.save_inflight >> 20, n)
-                return
-            self.save_inflight += nbytes
-        buf = self._host_buffer(n)
-        idx = torch.tensor(block_ids, device=self.device)
-        for layer in self.layers:
-            part = buf[:, layer.offset:layer.offset + layer.page].view(layer.words.dtype)
-            part.view(n, *layer.page_shape).copy_(
-                layer.words.index_select(layer.dim, idx).movedim(layer.dim, 0))
+            else:
+                self.save_inflight += nbytes
+            warn, self.dropping = full and not self.dropping, full
+        if full:
+            if warn:  # once per episode of back-pressure, not per step
+                log.warning("memkv: saves in flight fill save_buffer_mib; dropping new saves "
+                            "(counted as save_dropped) until memkv catches up")
+            self._write_stats()
+            return
+        try:
+            buf = self._host_buffer(n)
+            idx = torch.tensor(block_ids, device=self.device)
+            for layer in self.layers:
+                part = buf[:, layer.offset:layer.offset + layer.page].view(layer.words.dtype)
+                part.view(n, *layer.page_shape).copy_(
+                    layer.words.index_select(layer.dim, idx).movedim(layer.dim, 0))
+        except Exception as e:  # a save must never fail the step
+            log.warning("memkv: copying %d blocks out for saving failed (%s); not saved", n, e)
+            with self.lock:
+                self.save_inflight -= nbytes
+                self.stats["save_failed"] += n
+            return
         self.saves.put((self._keys(chain_keys), buf))
 
     def _save_loop(self) -> None:
