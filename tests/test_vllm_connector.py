@@ -199,3 +199,57 @@ def test_readme_documents_every_connector_setting_with_its_default():
         assert meaning in row
         if default is not None:
             assert f"`{default:g}`" in row if isinstance(default, float) else f"`{default}`" in row
+
+
+def test_openai_server_takes_the_same_json_and_hits(env):
+    """vLLM's OpenAI server with the same --kv-transfer-config: a text prompt whose blocks engine A
+    stored (the tiny tokenizer maps the word wN to token N) is answered from memkv."""
+    import json
+    import socket
+    import subprocess
+    import urllib.request
+
+    from vllm_engine import engine_env
+    server, eng, d = env
+    reference, _ = _hits(eng["A"], n=N, seed=1)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    model = str(d / "model0")
+    log = open(d / "openai.log", "w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model,
+         "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--enforce-eager",
+         "--max-model-len", "2048",
+         "--kv-transfer-config", json.dumps(kv_transfer_config(server.endpoint))],
+        stdout=log, stderr=subprocess.STDOUT, env=engine_env(str(d / "rpc-openai")),
+        start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        end = time.time() + 600
+        while True:
+            assert proc.poll() is None, open(d / "openai.log").read()[-3000:]
+            try:
+                if urllib.request.urlopen(url + "/health", timeout=5).status == 200:
+                    break
+            except OSError:
+                assert time.time() < end, "OpenAI server did not become healthy"
+                time.sleep(1)
+        prompt = " ".join(f"w{t}" for t in tiny_llama.prompt_ids(N, 1))
+        body = json.dumps({"model": model, "prompt": prompt, "max_tokens": OUT,
+                           "temperature": 0}).encode()
+        req = urllib.request.Request(url + "/v1/completions", body,
+                                     {"Content-Type": "application/json"})
+        text = json.load(urllib.request.urlopen(req, timeout=300))["choices"][0]["text"]
+        metrics = urllib.request.urlopen(url + "/metrics", timeout=30).read().decode()
+        hits = sum(float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
+                   if line.split("{")[0].split(" ")[0] in ("vllm:external_prefix_cache_hits",
+                                                             "vllm:external_prefix_cache_hits_total"))
+        assert hits == BLOCKS * 128
+        if all(t >= tiny_llama.FIRST_WORD for t in reference["tokens"]):
+            assert text.split() == [f"w{t}" for t in reference["tokens"]]
+    finally:
+        import signal
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        log.close()
