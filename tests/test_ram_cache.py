@@ -23,18 +23,17 @@ def _ready(s, c):
         time.sleep(0.02)
 
 
-def test_second_read_comes_from_memory_byte_exact(memkv_server):
+def test_fresh_and_read_blocks_come_from_memory_byte_exact(memkv_server):
     s = memkv_server(extra=["--ram-cache", "64MiB"])
     keys = [f"hot/{i}".encode() for i in range(4)]
     data = [os.urandom(1 << 20) for _ in keys]
     with s.client() as c:
         _ready(s, c)
-        c.put(keys, data)
-        assert _get(c, keys, 1 << 20) == ([Status.OK] * 4, data)  # from disk, fills the cache
-        assert _stats(s, c)["counters"].get("get_from_ram", 0) == 0
+        c.put(keys, data)  # copied into the cache as they arrive
+        assert _get(c, keys, 1 << 20) == ([Status.OK] * 4, data)
         assert _get(c, keys, 1 << 20) == ([Status.OK] * 4, data)
         st = _stats(s, c)
-        assert st["counters"]["get_from_ram"] == 4
+        assert st["counters"]["get_from_ram"] == 8
         assert st["ram_cache"] == {"capacity_bytes": 64 << 20, "used_bytes": 4 << 20, "blocks": 4,
                                    "ready": True}
 
@@ -57,15 +56,27 @@ def test_cache_stays_within_its_size_oldest_out_first(memkv_server):
     data = [os.urandom(1 << 20) for _ in keys]
     with s.client() as c:
         _ready(s, c)
-        c.put(keys, data)
-        for k in keys:  # one at a time: each read caches its block, the oldest make room
-            _get(c, [k], 1 << 20)
+        for k, d in zip(keys, data):  # one at a time: each fresh block takes the oldest's place
+            c.put([k], [d])
         cache = _stats(s, c)["ram_cache"]
         assert cache["used_bytes"] == 3 << 20 and cache["blocks"] == 3
         assert _get(c, keys[2:], 1 << 20) == ([Status.OK] * 3, data[2:])
         assert _stats(s, c)["counters"]["get_from_ram"] == 3
-        assert _get(c, keys[:2], 1 << 20) == ([Status.OK] * 2, data[:2])  # from disk again
+        assert _get(c, keys[:2], 1 << 20) == ([Status.OK] * 2, data[:2])  # from disk
         assert _stats(s, c)["counters"]["get_from_ram"] == 3
+
+
+def test_blocks_evicted_from_the_cache_are_cached_again_when_read(memkv_server):
+    s = memkv_server(extra=["--ram-cache", "2MiB"])
+    keys = [f"back/{i}".encode() for i in range(3)]
+    data = [os.urandom(1 << 20) for _ in keys]
+    with s.client() as c:
+        _ready(s, c)
+        for k, d in zip(keys, data):
+            c.put([k], [d])  # the cache ends with blocks 1 and 2
+        assert _get(c, keys[:1], 1 << 20) == ([Status.OK], data[:1])  # disk; replaces block 1
+        assert _get(c, keys[:1], 1 << 20) == ([Status.OK], data[:1])  # memory
+        assert _stats(s, c)["counters"]["get_from_ram"] == 1
 
 
 def test_ram_cache_off(memkv_server):

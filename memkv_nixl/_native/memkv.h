@@ -117,7 +117,7 @@ struct memkv_io {
     uint8_t result;      /* out: enum memkv_result */
     uint8_t reserved[3];
     uint64_t ram;        /* ACT_RAM: address of the cached payload */
-    uint64_t fill;       /* ACT_LOAD: where to copy the payload once verified (DRAM cache), or 0 */
+    uint64_t fill;       /* LOAD/STORE: where to copy the payload for the DRAM cache, or 0 */
 };
 
 struct memkv_arena; /* per-connection pool of aligned staging buffers, reused across requests */

@@ -311,6 +311,8 @@ static int put_record(int sock, struct batch *b, struct job *jobs, char *rec, ui
             int rc = memkv_recv_all(sock, rec + pos, step);
             if (rc) return rc;
             memkv_hs_update(&hs, rec + pos, step);
+            if (io->fill) /* into the DRAM cache while the step is still in the CPU cache */
+                memcpy((char *)(uintptr_t)io->fill + (pos - MEMKV_REC_HDR), rec + pos, step);
             pos += step;
         }
         if (k > 0 && (k + 1) * piece < reclen)

@@ -1,9 +1,11 @@
-"""The server's DRAM read cache: verified payloads of recently read blocks, sent straight from
-memory on the next read (a shared prompt prefix read by many workers skips the disk).
+"""The server's DRAM read cache: payloads of recently stored and recently read blocks, sent
+straight from memory on the next read (a prefix one worker just computed, read by the others,
+skips the disk).
 
-The cache is one anonymous mapping used as a ring, like the data files: a block read from disk
-is copied (by C, beside the disk read) to the ring's head, and the oldest cached blocks ahead of
-the head make room, first in, first out. The mapping is faulted in once by a background thread
+The cache is one anonymous mapping used as a ring, like the data files. A stored block is copied
+(by C) to the ring's head while it arrives, and a block read from disk once it is verified; a
+copy counts only once its put is committed or its read verified. The oldest cached blocks ahead
+of the head make room, first in, first out. The mapping is faulted in once by a background thread
 at start: on these VMs first-touch page faults run at ~0.6 GB/s, slower than the network, while
 copying into touched memory runs at several GB/s. A block that is being sent from the cache, or
 copied into it, is never overwritten: when one is in the way the new block is simply not cached.

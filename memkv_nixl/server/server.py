@@ -196,24 +196,24 @@ class Server:
         store = self.store
         if f.op == Op.PUT:
             addr = native.address_of(table) + base
-            ios, entries = store.plan_put(ns_id, keys, [d[0] for d in descs],
+            ios, plan = store.plan_put(ns_id, keys, [d[0] for d in descs],
                                           [addr + d[2] for d in descs],
                                           replace=bool(f.flags & PutFlag.REPLACE))
             try:
                 arena.server_put(fd, ios, f.count)
             finally:
-                statuses = store.commit_put(entries, ios)
+                statuses = store.commit_put(plan, ios)
             native.send_all(fd, pack_frame(Op.PUT, req_id=f.req_id, count=f.count,
                                            body_len=f.count) + bytes(statuses))
         elif f.op == Op.GET:
             addr = native.address_of(table) + base
-            ios, entries = store.plan_get(ns_id, keys, [d[0] for d in descs],
+            ios, plan = store.plan_get(ns_id, keys, [d[0] for d in descs],
                                           [addr + d[2] for d in descs])
             try:
                 native.send_all(fd, pack_frame(Op.GET, req_id=f.req_id, count=f.count))
                 arena.server_get(fd, ios, f.count)
             finally:
-                store.finish_get(ns_id, entries, ios)
+                store.finish_get(ns_id, plan, ios)
         else:
             if f.op == Op.EXISTS:
                 statuses = store.exists(ns_id, keys)

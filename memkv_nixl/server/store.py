@@ -207,10 +207,13 @@ class Store:
                  ) -> tuple[bytearray, list]:
         """Decide each descriptor's fate: STORE at a fresh slot, or DRAIN (duplicate / FULL).
         With replace, a committed key is stored again and the new block supersedes it.
-        Returns the memkv_io rows for C and the new entries (None where nothing is written)."""
+        Returns the memkv_io rows for C and the plan: the new entries (None where nothing is
+        written) and the DRAM cache slots their payloads are copied into as they arrive (fresh
+        blocks are the likeliest to be read next: another worker's shared prefix)."""
         n = len(keys)
         ios = bytearray(native.IO.size * n)
         entries: list = [None] * n
+        slots: list = [None] * n
         ns = self.namespaces[ns_id]
         with self._lock:
             for i, key in enumerate(keys):
@@ -229,16 +232,42 @@ class Store:
                         e.replace = replace
                         f.ring.append(e)
                         entries[i] = e
+                        slots[i] = self.ram.reserve(e)
                         action = native.ACT_STORE
                 e = entries[i]
                 native.IO.pack_into(ios, i * native.IO.size, e.file.fd if e else -1, ns_id,
                                     e.off if e else 0, length, 0, e.seq if e else 0, 0,
                                     key_addrs[i], len(key), action, status, native.RES_PRESET,
-                                    0, 0)
-        return ios, entries
+                                    0, self.ram.address(slots[i]) if slots[i] else 0)
+        return ios, (entries, slots)
 
-    def commit_put(self, entries: list, ios: bytearray) -> list[Status]:
+    def _commit_one(self, e: Entry, result: int, ios: bytearray, i: int) -> bool:
+        """Make one written block visible and journal it; False if it does not count."""
+        ns = e.ns
+        if result != native.RES_OK:
+            e.live = False
+            if result == native.RES_BAD_CSUM:
+                self.counters["put_checksum_mismatch"] += 1
+            return False
+        old = ns.index.get(e.key)
+        if old is not None:
+            if not e.replace or old.seq > e.seq:
+                e.live = False  # a put of the same key committed first (or newer)
+                return False
+            old.live = False    # replaced: the journal's PUT supersedes it on replay
+            e.pinned = old.pinned
+            ns.bytes -= old.len
+        e.csum = native.IO.unpack_from(ios, i * native.IO.size)[4]  # hashed as written
+        ns.index[e.key] = e
+        ns.bytes += e.len
+        ns.puts += 1
+        self._journal(MetaType.PUT, ns.id, e.key, e.file.number, e.seq, e.off, e.len, e.csum,
+                      FLAG_PINNED if e.pinned else 0)
+        return True
+
+    def commit_put(self, plan: tuple, ios: bytearray) -> list[Status]:
         """After C wrote the blocks: make the good ones visible and durable, return statuses."""
+        entries, slots = plan
         statuses = [Status(s) for s in ios[native.IO_STATUS_AT::native.IO.size]]
         results = ios[native.IO_RESULT_AT::native.IO.size]
         if self.sync:
@@ -249,26 +278,9 @@ class Store:
                 if e is None:
                     continue
                 e.busy -= 1
-                ns = e.ns
-                if results[i] != native.RES_OK:
-                    e.live = False
-                    if results[i] == native.RES_BAD_CSUM:
-                        self.counters["put_checksum_mismatch"] += 1
-                    continue
-                old = ns.index.get(e.key)
-                if old is not None:
-                    if not e.replace or old.seq > e.seq:
-                        e.live = False  # a put of the same key committed first (or newer)
-                        continue
-                    old.live = False    # replaced: the journal's PUT supersedes it on replay
-                    e.pinned = old.pinned
-                    ns.bytes -= old.len
-                e.csum = native.IO.unpack_from(ios, i * native.IO.size)[4]  # hashed as written
-                ns.index[e.key] = e
-                ns.bytes += e.len
-                ns.puts += 1
-                self._journal(MetaType.PUT, ns.id, e.key, e.file.number, e.seq, e.off, e.len, e.csum,
-                              FLAG_PINNED if e.pinned else 0)
+                committed = self._commit_one(e, results[i], ios, i)
+                if slots[i] is not None:
+                    self.ram.filled(slots[i], committed)  # the cache keeps committed bytes only
         if self.sync:
             self._flush_journal(True)
         return statuses
