@@ -130,6 +130,10 @@ class MemKVConnector(KVConnectorBase_V1):
                  role.name.lower(), ",".join(self._client.endpoints), settings["namespace"],
                  fp.hex()[:16], block_size)
 
+    @property
+    def requires_kv_delivery(self) -> bool:
+        return False  # a cache: a save lost to preemption is a future miss, never lost data
+
     # ---- scheduler half ----------------------------------------------------------------------
     def get_num_new_matched_tokens(self, request, num_computed_tokens):
         return self._side.matched_tokens(request, num_computed_tokens), False
