@@ -11,8 +11,8 @@ because vLLM's first request of a new shape pays one-off costs.
 
 Blocks are 32 tokens (vLLM's GPU default is 16; its CPU default, 128, is also fine for memkv):
 vLLM computes at least the prompt's last token, so a block-aligned prompt recomputes its whole
-last block, and on this CPU a 128-token block with 4K of context costs ~180 ms, which alone
-would cap the 4K ratio near 15x whatever the load speed.
+last block, and on this CPU a 128-token block with 4K of context costs ~150 ms, which alone
+caps the 4K ratio near 12x whatever the load speed (measured: 9.9x with --block-size 128).
 
     .venv/bin/python examples/ttft_demo.py [--lengths 1024,4096,8192] [--keep DIR]
 """
