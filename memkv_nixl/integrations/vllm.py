@@ -31,6 +31,7 @@ import torch
 from vllm.distributed.kv_transfer.kv_connector.v1.base import (KVConnectorBase_V1,
                                                                 KVConnectorMetadata,
                                                                 KVConnectorRole)
+from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorStats
 from vllm.v1.kv_cache_interface import AttentionSpec
 
 from ..client import Client
@@ -67,6 +68,38 @@ def connector_settings(extra: dict | None) -> dict:
     if out["timeout_s"] <= 0 or out["save_buffer_mib"] < 0:
         raise ValueError("MemKVConnector: timeout_s must be > 0 and save_buffer_mib >= 0")
     return out
+
+
+COUNTERS = ("loaded_blocks", "loaded_bytes", "load_seconds", "load_network_seconds", "load_failed",
+            "saved_blocks", "saved_bytes", "save_failed", "save_dropped")
+
+
+@dataclass
+class MemKVStats(KVConnectorStats):
+    """Counters of one interval, summed over workers; vLLM logs them as "KV Transfer metrics"."""
+
+    def __post_init__(self):
+        for k in COUNTERS:
+            self.data.setdefault(k, 0)
+
+    def reset(self):
+        self.data = dict.fromkeys(COUNTERS, 0)
+
+    def aggregate(self, other: "MemKVStats") -> "MemKVStats":
+        for k in COUNTERS:
+            self.data[k] += other.data.get(k, 0)
+        return self
+
+    def reduce(self) -> dict:
+        d = self.data
+        secs = d["load_seconds"]
+        return {"memkv_loaded_blocks": d["loaded_blocks"],
+                "memkv_load_GBps": round(d["loaded_bytes"] / secs / 1e9, 2) if secs else 0.0,
+                "memkv_load_failed": d["load_failed"], "memkv_saved_blocks": d["saved_blocks"],
+                "memkv_save_failed": d["save_failed"], "memkv_save_dropped": d["save_dropped"]}
+
+    def is_empty(self) -> bool:
+        return not any(self.data[k] for k in COUNTERS)
 
 
 @dataclass
@@ -174,6 +207,13 @@ class MemKVConnector(KVConnectorBase_V1):
 
     def get_block_ids_with_load_errors(self):
         return self._side.take_load_errors()
+
+    def get_kv_connector_stats(self):
+        return self._side.take_interval_stats()
+
+    @classmethod
+    def build_kv_connector_stats(cls, data=None):
+        return MemKVStats(data=dict(data or {}))
 
     def shutdown(self):
         self._side.shutdown()
@@ -296,6 +336,9 @@ class _SchedulerSide:
         self.requests.pop(req_id, None)
         self.pending_loads.discard(req_id)
 
+    def take_interval_stats(self) -> None:
+        return None  # transfers happen in the workers, which report them
+
     def shutdown(self) -> None:
         pass
 
@@ -341,9 +384,8 @@ class _WorkerSide:
         self.dropping = False
         self.saves: queue.Queue = queue.Queue()
         self.lock = threading.Lock()
-        self.stats = dict(loaded_blocks=0, loaded_bytes=0, load_seconds=0.0,
-                          load_network_seconds=0.0, load_failed=0,
-                          saved_blocks=0, saved_bytes=0, save_failed=0, save_dropped=0)
+        self.stats = dict.fromkeys(COUNTERS, 0)     # since start (the stats file)
+        self.reported = dict.fromkeys(COUNTERS, 0)  # what vLLM's stats have seen
         self.saver = threading.Thread(target=self._save_loop, name="memkv-vllm-save", daemon=True)
         self.saver.start()
 
@@ -409,6 +451,14 @@ class _WorkerSide:
             part = src[:, layer.offset:layer.offset + layer.page].view(layer.words.dtype)
             part = part.view(len(rows), *layer.page_shape)
             layer.words.index_copy_(layer.dim, idx, part.movedim(0, layer.dim))
+
+    def take_interval_stats(self) -> MemKVStats | None:
+        """What changed since the last call, for vLLM's own transfer metrics."""
+        with self.lock:
+            delta = {k: self.stats[k] - self.reported[k] for k in COUNTERS}
+            self.reported = dict(self.stats)
+        out = MemKVStats(data=delta)
+        return None if out.is_empty() else out
 
     def take_load_errors(self) -> set[int]:
         with self.lock:
