@@ -11,10 +11,8 @@ here asserts on time.
 import argparse
 import os
 import shutil
-import signal
 import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -26,6 +24,7 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 
 from memkv_nixl import Client, Status, native  # noqa: E402
+from memkv_nixl.server.local import LocalServer  # noqa: E402
 from memkv_nixl.units import format_size, parse_size  # noqa: E402
 
 GB = 1e9
@@ -85,41 +84,11 @@ def disk_gbps(path: str, block: int, total: int, write: bool) -> float:
 
 
 # ---- memkv server ---------------------------------------------------------------------------------
-class ServerProc:
-    def __init__(self, workdir: str, capacity: int, durability: str, ram_cache: str | None = None):
-        os.makedirs(workdir, exist_ok=True)
-        self.log_path = os.path.join(workdir, "server.log")
-        self.data = os.path.join(workdir, "data")
-        self.args = [sys.executable, "-m", "memkv_nixl.cli", "serve", "--data", self.data,
-                     "--capacity", str(capacity), "--listen", "127.0.0.1:0",
-                     "--durability", durability, *(["--ram-cache", ram_cache] if ram_cache else [])]
-        self.start()
-
-    def start(self) -> None:
-        self.log = open(self.log_path, "a")
-        seen = self.log.tell()  # only this start's lines count
-        self.proc = subprocess.Popen(self.args, stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT)
-        deadline = time.time() + 120
-        while time.time() < deadline and self.proc.poll() is None:
-            with open(self.log_path) as f:
-                f.seek(seen)
-                text = f.read()
-            if "memkv serving on" in text:
-                self.endpoint = "memkv://" + text.split("serving on ")[1].split()[0]
-                return
-            time.sleep(0.05)
-        raise RuntimeError("memkv server did not start:\n" + open(self.log_path).read())
-
-    def kill9(self) -> None:
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait()
-        self.endpoint = None
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            self.proc.wait(60)
-        self.log.close()
+def start_server(workdir: str, capacity: int, durability: str, ram_cache: str) -> LocalServer:
+    srv = LocalServer(os.path.join(workdir, "data"), "--capacity", str(capacity),
+                      "--durability", durability, "--ram-cache", ram_cache)
+    srv.start()
+    return srv
 
 
 def pctl(values, q: float) -> float:
@@ -198,7 +167,8 @@ def bench_exists(client: Client, calls: int = 300):
 
 def bench_startup(workdir: str, blocks: int) -> float:
     """Put `blocks` 4 KiB blocks, kill -9 the server, restart: seconds to rebuild the index."""
-    srv = ServerProc(os.path.join(workdir, "startup"), max(blocks * 8192 * 2, 256 << 20), "async")
+    srv = start_server(os.path.join(workdir, "startup"), max(blocks * 8192 * 2, 256 << 20), "async",
+                       "0")
     try:
         with Client(srv.endpoint, namespace="startup") as c:
             payload = bytes(4096)
@@ -206,7 +176,7 @@ def bench_startup(workdir: str, blocks: int) -> float:
                 c.put([f"s{i}".encode() for i in range(k, min(blocks, k + 4096))],
                       [payload] * (min(blocks, k + 4096) - k))
             time.sleep(1.5)  # async journal flush interval
-        srv.kill9()
+        srv.stop(kill=True)
         srv.start()
         with Client(srv.endpoint, namespace="startup") as c:
             st = c.stats()[srv.endpoint[len("memkv://"):]]
@@ -286,8 +256,8 @@ def main(argv=None) -> None:
           f"{os.cpu_count()} cores; workdir {workdir}")
     peers = load_peers(a.no_peers)
     capacity = max(2 * total * a.repeat + (1 << 30), 4 << 30)
-    srv = ServerProc(workdir, capacity, a.durability, "0")
-    hot = ServerProc(os.path.join(workdir, "hot"), capacity, a.durability, a.ram_cache or "1GiB")
+    srv = start_server(workdir, capacity, a.durability, "0")
+    hot = start_server(os.path.join(workdir, "hot"), capacity, a.durability, a.ram_cache or "1GiB")
     try:
         with Client(srv.endpoint, namespace="bench") as client, \
                 Client(hot.endpoint, namespace="bench") as cached:

@@ -4,10 +4,16 @@ Three engines run at once: A and B serve the same model, C a model with other we
 for saves in flight (every save is dropped). B keeps no local prefix cache, so each of its
 requests goes to memkv first.
 """
+import json
 import os
+import shutil
+import signal
+import socket
+import subprocess
 import sys
 import threading
 import time
+import urllib.request
 
 import pytest
 
@@ -16,7 +22,7 @@ from memkv_nixl.diskformat import REC_HDR, REC_HEADER, REC_MAGIC, SUPERBLOCK_LEN
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "examples"))
 import tiny_llama  # noqa: E402
-from vllm_engine import Engine, kv_transfer_config  # noqa: E402
+from vllm_engine import Engine, engine_env, kv_transfer_config  # noqa: E402
 
 from conftest import MemkvServer  # noqa: E402
 
@@ -60,7 +66,6 @@ def env(tmp_path_factory):
         for e in engines.values():
             e.close()
         server.kill9()
-        import shutil
         shutil.rmtree(server.data, ignore_errors=True)
 
 
@@ -204,12 +209,6 @@ def test_readme_documents_every_connector_setting_with_its_default():
 def test_openai_server_takes_the_same_json_and_hits(env):
     """vLLM's OpenAI server with the same --kv-transfer-config: a text prompt whose blocks engine A
     stored (the tiny tokenizer maps the word wN to token N) is answered from memkv."""
-    import json
-    import socket
-    import subprocess
-    import urllib.request
-
-    from vllm_engine import engine_env
     server, eng, d = env
     reference, _ = _hits(eng["A"], n=N, seed=1)
     with socket.socket() as s:
@@ -249,7 +248,6 @@ def test_openai_server_takes_the_same_json_and_hits(env):
         if all(t >= tiny_llama.FIRST_WORD for t in reference["tokens"]):
             assert text.split() == [f"w{t}" for t in reference["tokens"]]
     finally:
-        import signal
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
         log.close()

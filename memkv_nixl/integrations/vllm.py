@@ -351,7 +351,7 @@ class _Layer:
     def __init__(self, tensor: torch.Tensor, num_blocks: int, offset: int):
         page = tensor.numel() * tensor.element_size() // num_blocks
         word = torch.int64 if page % 8 == 0 and tensor.stride(-1) == 1 else torch.uint8
-        words = tensor.view(torch.uint8).view(word) if word != torch.uint8 else tensor.view(word)
+        words = tensor.view(torch.uint8).view(word)
         dims = [d for d, n in enumerate(words.shape) if n == num_blocks]
         if not dims:
             raise ValueError(f"MemKVConnector: no dimension of size {num_blocks} (blocks) in a KV "
@@ -383,6 +383,7 @@ class _WorkerSide:
         self.save_inflight = 0
         self.dropping = False
         self.saves: queue.Queue = queue.Queue()
+        self.spare: list[torch.Tensor] = []  # save buffers back from the saver, for reuse
         self.lock = threading.Lock()
         self.stats = dict.fromkeys(COUNTERS, 0)     # since start (the stats file)
         self.reported = dict.fromkeys(COUNTERS, 0)  # what vLLM's stats have seen
@@ -483,7 +484,8 @@ class _WorkerSide:
             self._write_stats()
             return
         try:
-            buf = self._host_buffer(n)
+            whole = self._save_buffer(n)
+            buf = whole[:n]
             idx = torch.tensor(block_ids, device=self.device)
             for layer in self.layers:
                 part = buf[:, layer.offset:layer.offset + layer.page].view(layer.words.dtype)
@@ -495,14 +497,25 @@ class _WorkerSide:
                 self.save_inflight -= nbytes
                 self.stats["save_failed"] += n
             return
-        self.saves.put((self._keys(chain_keys), buf))
+        self.saves.put((self._keys(chain_keys), whole))
+
+    def _save_buffer(self, n: int) -> torch.Tensor:
+        """A host buffer of at least n blocks: a spare one if it fits (fresh memory would pay a
+        page fault per 4 KiB on the model's thread), else a new one."""
+        with self.lock:
+            fits = [b for b in self.spare if b.shape[0] >= n]
+            if fits:
+                best = min(fits, key=lambda b: b.shape[0])
+                self.spare.remove(best)
+                return best
+        return self._host_buffer(n)
 
     def _save_loop(self) -> None:
         while True:
             item = self.saves.get()
             if item is None:
                 return
-            keys, buf = item
+            keys, buf = item  # buf may hold more rows than keys (a reused buffer)
             n, bb = len(keys), self.block_bytes
             base = buf.data_ptr()
             try:
@@ -513,6 +526,8 @@ class _WorkerSide:
                 stored = 0
             with self.lock:
                 self.save_inflight -= n * bb
+                if sum(b.numel() for b in self.spare) + buf.numel() <= self.save_budget:
+                    self.spare.append(buf)
                 self.stats["saved_blocks"] += stored
                 self.stats["saved_bytes"] += stored * bb
                 self.stats["save_failed"] += n - stored
