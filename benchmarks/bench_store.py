@@ -2,13 +2,17 @@
 
 Ceilings: a raw loopback TCP stream (one connection, the same block size), memcpy, and
 sequential O_DIRECT write/read of the data disk at the same block size with several in flight.
-Peers (when installed): Redis (Debian redis-server) and Mooncake Store over TCP.
+memkv is measured over TCP (memkv://, against the socket and disk ceilings) and, for a client on
+the same host, through its unix socket with cma (memkv+unix://, against memcpy and the disk).
+Peers (when installed): Redis (Debian redis-server) over TCP and over a unix socket, and
+Mooncake Store over TCP.
 Prints one line per figure with its ratio to the ceiling and to the peers. Not a test: nothing
 here asserts on time.
 
     .venv/bin/python benchmarks/bench_store.py [--sizes 64KiB,1MiB,4MiB,16MiB] [--total 512MiB]
 """
 import argparse
+import mmap
 import os
 import shutil
 import socket
@@ -69,13 +73,26 @@ def raw_socket_gbps(block: int, total: int) -> float:
 
 
 def memcpy_gbps(block: int, total: int) -> float:
-    src = bytearray(os.urandom(block))
-    dst = bytearray(block)
+    """memcpy over the benchmark's own footprint (8 source blocks into ~64 MiB of destination
+    buffers), so small blocks do not get to run from the CPU cache."""
+    src = [aligned(block) for _ in range(8)]
+    for b in src:
+        b[:] = os.urandom(block)
+    dst = [aligned(block) for _ in range(max(1, (64 << 20) // block))]
     n = max(1, total // block)
     t0 = time.perf_counter()
-    for _ in range(n):
-        dst[:] = src
+    for i in range(n):
+        dst[i % len(dst)][:] = src[i % 8]
     return n * block / (time.perf_counter() - t0) / GB
+
+
+def aligned(size: int) -> memoryview:
+    """Page-aligned memory, as KV caches are (torch aligns to 64 B, pinned buffers to pages):
+    process_vm_writev into a destination 16 B off alignment runs 5x slower here. Faulted in
+    before use: first-touch faults on these VMs run at ~0.6 GB/s and would be measured instead."""
+    mv = memoryview(mmap.mmap(-1, size))
+    mv[:] = bytes(size)
+    return mv
 
 
 def disk_gbps(path: str, block: int, total: int, write: bool) -> float:
@@ -86,7 +103,8 @@ def disk_gbps(path: str, block: int, total: int, write: bool) -> float:
 # ---- memkv server ---------------------------------------------------------------------------------
 def start_server(workdir: str, capacity: int, durability: str, ram_cache: str) -> LocalServer:
     srv = LocalServer(os.path.join(workdir, "data"), "--capacity", str(capacity),
-                      "--durability", durability, "--ram-cache", ram_cache)
+                      "--durability", durability, "--ram-cache", ram_cache,
+                      "--listen-unix", os.path.join(workdir, "memkv.sock"))
     srv.start()
     return srv
 
@@ -105,52 +123,59 @@ def read_all(client: Client, keys, bufs, per_call: int) -> float:
     return len(keys) * len(bufs[0]) / (time.perf_counter() - t0) / GB
 
 
-def bench_memkv(client: Client, cached: Client, block: int, total: int, repeat: int, tag: str,
-                disk_path: str):
-    """Put/get GB/s with the ceilings measured right before each repeat (this machine drifts by
-    tens of percent within minutes), so each repeat yields its own ratios; medians are returned.
-    `client`'s server has no DRAM cache (put, then get from disk); `cached`'s has one (the same
-    blocks stored untimed, then read from memory)."""
+def write_all(client: Client, keys, src, per_call: int) -> float:
+    t0 = time.perf_counter()
+    for k in range(0, len(keys), per_call):
+        st = client.put(keys[k:k + per_call], [src[i % len(src)] for i in range(k, min(len(keys), k + per_call))])
+        assert all(s == Status.OK for s in st), set(st)
+    return len(keys) * len(src[0]) / (time.perf_counter() - t0) / GB
+
+
+def bench_memkv(transports: dict, block: int, total: int, repeat: int, tag: str, disk_path: str):
+    """Put/get GB/s per transport with the ceilings measured right before each repeat (this
+    machine drifts by tens of percent within minutes), so each repeat yields its own ratios;
+    medians are returned. transports: name -> (client of the server without a DRAM cache: put,
+    then get from disk; client of the server with one: the same blocks put, then read from memory).
+    A transport's wire ceiling is the raw socket for tcp and memcpy for cma."""
     n = max(4, total // block)
     per_call = max(1, (64 << 20) // block)  # ~64 MiB per batched call
-    src = [os.urandom(block) for _ in range(min(n, 8))]
-    bufs = [bytearray(block) for _ in range(per_call)]
+    src = [aligned(block) for _ in range(min(n, 8))]
+    for b in src:
+        b[:] = os.urandom(block)
+    bufs = [aligned(block) for _ in range(per_call)]
     rows = []
     for r in range(repeat):
-        sock = raw_socket_gbps(block, total)
-        dw = disk_gbps(disk_path, block, total, True)
-        dr = disk_gbps(disk_path, block, total, False)
+        row = {"sock": raw_socket_gbps(block, total), "memcpy": memcpy_gbps(block, total),
+               "dw": disk_gbps(disk_path, block, total, True),
+               "dr": disk_gbps(disk_path, block, total, False)}
         os.unlink(disk_path)
-        keys = [f"{tag}/{block}/{r}/{i}".encode() for i in range(n)]
-        t0 = time.perf_counter()
-        for k in range(0, n, per_call):
-            st = client.put(keys[k:k + per_call], [src[i % len(src)] for i in range(k, min(n, k + per_call))])
-            assert all(s == Status.OK for s in st), set(st)
-        put = n * block / (time.perf_counter() - t0) / GB
-        get_disk = read_all(client, keys, bufs, per_call)
-        t0 = time.perf_counter()
-        for k in range(0, n, per_call):
-            cached.put(keys[k:k + per_call], [src[i % len(src)] for i in range(k, min(n, k + per_call))])
-        put_cached = n * block / (time.perf_counter() - t0) / GB
-        get_ram = read_all(cached, keys, bufs, per_call)
-        rows.append({"sock": sock, "dw": dw, "dr": dr, "put": put, "get": get_disk,
-                     "put_cached_ratio": put_cached / min(sock, dw),
-                     "get_ram": get_ram, "put_ratio": put / min(sock, dw),
-                     "get_ratio": get_disk / min(sock, dr), "get_ram_ratio": get_ram / sock})
+        for tr, (client, cached) in transports.items():
+            wire = row["sock"] if tr == "tcp" else row["memcpy"]
+            keys = [f"{tag}/{tr}/{block}/{r}/{i}".encode() for i in range(n)]
+            put = write_all(client, keys, src, per_call)
+            get_disk = read_all(client, keys, bufs, per_call)
+            put_cached = write_all(cached, keys, src, per_call)
+            get_ram = read_all(cached, keys, bufs, per_call)
+            row.update({f"{tr}_put": put, f"{tr}_get": get_disk, f"{tr}_get_ram": get_ram,
+                        f"{tr}_put_ratio": put / min(wire, row["dw"]),
+                        f"{tr}_put_cached_ratio": put_cached / min(wire, row["dw"]),
+                        f"{tr}_get_ratio": get_disk / min(wire, row["dr"]),
+                        f"{tr}_get_ram_ratio": get_ram / wire})
+        rows.append(row)
     med = {k: statistics.median(row[k] for row in rows) for k in rows[0]}
-    # latency of single-block calls
-    lat_put, lat_get = [], []
-    keys = [f"{tag}/lat/{block}/{i}".encode() for i in range(min(64, max(8, (256 << 20) // block)))]
-    for i, k in enumerate(keys):
-        t0 = time.perf_counter()
-        client.put([k], [src[i % len(src)]])
-        lat_put.append((time.perf_counter() - t0) * 1e3)
-    for k in keys:
-        t0 = time.perf_counter()
-        client.get([k], bufs[:1])
-        lat_get.append((time.perf_counter() - t0) * 1e3)
-    med.update(pp50=pctl(lat_put, .5), pp99=pctl(lat_put, .99), gp50=pctl(lat_get, .5),
-               gp99=pctl(lat_get, .99))
+    for tr, (client, _) in transports.items():  # latency of single-block calls
+        lat_put, lat_get = [], []
+        keys = [f"{tag}/{tr}/lat/{block}/{i}".encode() for i in range(min(64, max(8, (256 << 20) // block)))]
+        for i, k in enumerate(keys):
+            t0 = time.perf_counter()
+            client.put([k], [src[i % len(src)]])
+            lat_put.append((time.perf_counter() - t0) * 1e3)
+        for k in keys:
+            t0 = time.perf_counter()
+            client.get([k], bufs[:1])
+            lat_get.append((time.perf_counter() - t0) * 1e3)
+        med.update({f"{tr}_pp50": pctl(lat_put, .5), f"{tr}_pp99": pctl(lat_put, .99),
+                    f"{tr}_gp50": pctl(lat_get, .5), f"{tr}_gp99": pctl(lat_get, .99)})
     return med
 
 
@@ -259,10 +284,15 @@ def main(argv=None) -> None:
     srv = start_server(workdir, capacity, a.durability, "0")
     hot = start_server(os.path.join(workdir, "hot"), capacity, a.durability, a.ram_cache or "1GiB")
     try:
-        with Client(srv.endpoint, namespace="bench") as client, \
-                Client(hot.endpoint, namespace="bench") as cached:
+        unix = [f"memkv+unix://{os.path.join(w, 'memkv.sock')}" for w in (workdir, os.path.join(workdir, "hot"))]
+        # same_host=False: the tcp lines must not move to the unix socket on their own
+        with Client(srv.endpoint, namespace="bench", same_host=False) as client, \
+                Client(hot.endpoint, namespace="bench", same_host=False) as cached, \
+                Client(unix[0], namespace="bench") as client_cma, \
+                Client(unix[1], namespace="bench") as cached_cma:
+            transports = {"tcp": (client, cached), "cma": (client_cma, cached_cma)}
             for block in sizes:
-                m = bench_memkv(client, cached, block, total, a.repeat, "b",
+                m = bench_memkv(transports, block, total, a.repeat, "b",
                                 os.path.join(workdir, "odirect.bin"))
                 peer_res = {}
                 for cls in peers:
@@ -272,27 +302,27 @@ def main(argv=None) -> None:
                         print(f"# peer {cls.name} failed at {format_size(block)}: "
                               f"{str(e).splitlines()[0][:200]}", flush=True)
                 name = format_size(block)
-                print(f"ceiling {name:>6}: raw socket {m['sock']:.2f} GB/s, memcpy "
-                      f"{memcpy_gbps(block, total):.2f} GB/s, O_DIRECT write {m['dw']:.2f} GB/s, "
-                      f"read {m['dr']:.2f} GB/s (medians; each repeat measures its own, just before it)")
-                line_put = (f"put {name:>6}: {m['put']:.2f} GB/s = {m['put_ratio']:.2f} x min(raw socket, "
-                            f"O_DIRECT write) [{a.durability}, median of per-repeat ratios]; single-block "
-                            f"p50 {m['pp50']:.2f} ms p99 {m['pp99']:.2f} ms")
-                line_get = (f"get {name:>6} from disk: {m['get']:.2f} GB/s = {m['get_ratio']:.2f} x "
-                            f"min(raw socket, O_DIRECT read) [server without DRAM cache, median of "
-                            f"per-repeat ratios]; single-block p50 {m['gp50']:.2f} ms "
-                            f"p99 {m['gp99']:.2f} ms")
-                line_ram = (f"get {name:>6} hot (DRAM cache): {m['get_ram']:.2f} GB/s = "
-                            f"{m['get_ram_ratio']:.2f} x raw socket [read after put; that put, "
-                            f"filling the cache: {m['put_cached_ratio']:.2f} x min(raw socket, "
-                            f"O_DIRECT write)]")
-                for pname, (pput, pget) in peer_res.items():
-                    line_put += f"; {m['put'] / pput:.2f} x {pname} ({pput:.2f} GB/s)"
-                    line_get += f"; {m['get'] / pget:.2f} x {pname}"
-                    line_ram += f"; {m['get_ram'] / pget:.2f} x {pname} ({pget:.2f} GB/s, from RAM)"
-                print(line_put)
-                print(line_get)
-                print(line_ram, flush=True)
+                print(f"ceiling {name:>6}: raw socket {m['sock']:.2f} GB/s, memcpy {m['memcpy']:.2f} "
+                      f"GB/s, O_DIRECT write {m['dw']:.2f} GB/s, read {m['dr']:.2f} GB/s (medians; "
+                      "each repeat measures its own, just before it)")
+                for tr, wire in (("tcp", "raw socket"), ("cma", "memcpy")):
+                    t = f"{tr}_"
+                    line_put = (f"put {name:>6} {tr}: {m[t + 'put']:.2f} GB/s = {m[t + 'put_ratio']:.2f} x "
+                                f"min({wire}, O_DIRECT write) [{a.durability}, median of per-repeat "
+                                f"ratios]; single-block p50 {m[t + 'pp50']:.2f} ms p99 {m[t + 'pp99']:.2f} ms")
+                    line_get = (f"get {name:>6} {tr} from disk: {m[t + 'get']:.2f} GB/s = "
+                                f"{m[t + 'get_ratio']:.2f} x min({wire}, O_DIRECT read) [server without "
+                                f"DRAM cache]; single-block p50 {m[t + 'gp50']:.2f} ms p99 {m[t + 'gp99']:.2f} ms")
+                    line_ram = (f"get {name:>6} {tr} hot (DRAM cache): {m[t + 'get_ram']:.2f} GB/s = "
+                                f"{m[t + 'get_ram_ratio']:.2f} x {wire} [read after put; that put, filling "
+                                f"the cache: {m[t + 'put_cached_ratio']:.2f} x min({wire}, O_DIRECT write)]")
+                    for pname, (pput, pget) in peer_res.items():
+                        line_put += f"; {m[t + 'put'] / pput:.2f} x {pname} ({pput:.2f} GB/s)"
+                        line_get += f"; {m[t + 'get'] / pget:.2f} x {pname}"
+                        line_ram += f"; {m[t + 'get_ram'] / pget:.2f} x {pname} ({pget:.2f} GB/s, from RAM)"
+                    print(line_put)
+                    print(line_get)
+                    print(line_ram, flush=True)
             p50, p99 = bench_exists(client)
             print(f"exists 256 keys: p50 {p50:.3f} ms, p99 {p99:.3f} ms (target p50 <= 1 ms)")
         srv.stop()

@@ -15,6 +15,7 @@ def _serve(a) -> None:
     from .server import config
     from .server.server import run
     overrides = {"data": a.data, "capacity": a.capacity, "listen": a.listen,
+                 "listen_unix": a.listen_unix,
                  "durability": a.durability, "secret_file": a.secret_file, "min_block": a.min_block,
                  "max_block": a.max_block, "meta_dir": a.meta_dir, "io_threads": a.io_threads,
                  "ram_cache": a.ram_cache}
@@ -89,6 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--data", action="append", help="data directory or block device (repeatable)")
     s.add_argument("--capacity", help="total bytes for blocks, e.g. 2GiB (default: fits the disk)")
     s.add_argument("--listen", help="host:port (default 127.0.0.1:9900)")
+    s.add_argument("--listen-unix", metavar="PATH",
+                   help="also listen on this unix socket (default: memkv.sock in the meta dir; "
+                        "'off': none): clients on this host get same-host copies (cma) there")
     s.add_argument("--durability", choices=["sync", "async"],
                    help="sync: acknowledged puts survive a crash (default); async: faster, may "
                         "lose the newest puts on a crash, never corrupts")

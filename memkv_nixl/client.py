@@ -7,6 +7,7 @@ be reached turns into misses (get/exists) or Status.UNREACHABLE (put, delete, pi
 with one warning, and is retried with exponential backoff; it never fails the whole batch.
 """
 import collections
+import errno
 import logging
 import threading
 import time
@@ -16,19 +17,26 @@ from concurrent.futures import ThreadPoolExecutor
 from . import native
 from .errors import ConnectionFailed, InvalidArgument, ProtocolError, ServerError
 from .protocol import MAX_KEY, MAX_NAMESPACE, Op, Status
-from .transport.tcp import Connection
+from .transport.connection import Connection
 
 log = logging.getLogger("memkv.client")
 
 DEFAULT_PORT = 9900
-FULL_RETRIES = (0.05, 0.2, 0.8)
-DEDUP_CHECK_BYTES = 4 << 20
-_STATUS = tuple(Status)  # wire code -> Status without an enum call per key         # puts at least this large ask which keys exist first     # back-off (s) before re-sending puts refused with FULL
+UNIX_SCHEME = "memkv+unix://"
+FULL_RETRIES = (0.05, 0.2, 0.8)  # back-off (s) before re-sending puts refused with FULL
+DEDUP_CHECK_BYTES = 4 << 20      # puts at least this large ask which keys exist first
+_STATUS = tuple(Status)          # wire code -> Status without an enum call per key
 BACKOFF_MIN, BACKOFF_MAX = 0.5, 30.0
 
 
 def parse_endpoint(ep: str) -> tuple[str, int]:
-    """'memkv://host:port', 'host:port' or 'host' -> (host, port)."""
+    """'memkv://host:port', 'host:port' or 'host' -> (host, port); 'memkv+unix:///path' ->
+    (path, 0): a server on this host, reached through its unix socket (and cma where allowed)."""
+    if ep.startswith(UNIX_SCHEME):
+        path = ep[len(UNIX_SCHEME):]
+        if not path.startswith("/"):
+            raise InvalidArgument(f"endpoint {ep!r}: expected memkv+unix:///absolute/path.sock")
+        return path, 0
     rest = ep[len("memkv://"):] if ep.startswith("memkv://") else ep
     if "://" in rest or not rest:
         raise InvalidArgument(f"endpoint {ep!r}: expected memkv://host:port")
@@ -49,12 +57,13 @@ class _Endpoint:
     def __init__(self, client: "Client", host: str, port: int):
         self.client = client
         self.host, self.port = host, port
-        self.name = f"{host}:{port}"
+        self.name = f"{host}:{port}" if port else host  # placement seed; the NIXL plugin's too
         self.idle: list[Connection] = []
         self.lock = threading.Lock()
         self.down_until = 0.0
         self.backoff = BACKOFF_MIN
         self.warned = False
+        self.cma_warned = False
         self.limits = None
 
     def acquire(self) -> Connection:
@@ -66,11 +75,15 @@ class _Endpoint:
                                        f"{self.down_until - time.monotonic():.1f} s)")
         c = self.client
         try:
-            conn = Connection(self.host, self.port, c.namespace_bytes, c.secret, c.timeout)
+            conn = Connection(self.host, self.port, c.namespace_bytes, c.secret, c.timeout, c.same_host)
         except ConnectionFailed as e:
             self.mark_down(e)
             raise
         self.limits = conn.limits
+        if not self.port and not conn.cma and not self.cma_warned:
+            self.cma_warned = True
+            log.warning("memkv server %s did not grant same-host copies (cma) to this process: "
+                        "blocks go through its unix socket; the server log says why", self.name)
         self.up()
         return conn
 
@@ -107,6 +120,10 @@ class _Endpoint:
                 result = fn(conn)
             except (OSError, ProtocolError) as e:
                 conn.close()
+                if isinstance(e, OSError) and e.errno == errno.EFAULT:
+                    # the caller's memory, not the server: the stream is broken, the server is fine
+                    raise InvalidArgument("a buffer (address, length) pair names memory this "
+                                          "process cannot read or write") from e
                 if attempt == 0 and isinstance(e, OSError):
                     continue  # a pooled connection may have been closed by a restarted server
                 self.mark_down(e)
@@ -185,7 +202,10 @@ class Client:
     """Batched access to one namespace on a pool of memkv servers (thread-safe)."""
 
     def __init__(self, endpoints, namespace: str, secret_file: str | None = None, *,
-                 timeout: float = 30.0, connections_per_server: int = 4, verify: bool = True):
+                 timeout: float = 30.0, connections_per_server: int = 4, verify: bool = True,
+                 same_host: bool = True):
+        """same_host: a memkv:// server on this host that also listens on a unix socket is reached
+        through it, with cma (the server copies blocks from and into this process's memory)."""
         if isinstance(endpoints, str):
             endpoints = [e for e in endpoints.replace(",", " ").split() if e]
         problems = []
@@ -208,6 +228,7 @@ class Client:
         self.timeout = timeout
         self.connections_per_server = connections_per_server
         self.verify = verify
+        self.same_host = same_host
         self._servers = [_Endpoint(self, *parse_endpoint(e)) for e in endpoints]
         names = [s.name for s in self._servers]
         if len(set(names)) != len(names):

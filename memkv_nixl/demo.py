@@ -66,6 +66,9 @@ def main(args) -> None:
         print(f"  server: {stats['blocks']} blocks, {stats['used_bytes'] / 2**30:.2f} of "
               f"{stats['capacity_bytes'] / 2**30:.1f} GiB used, index recovered in "
               f"{stats['startup_seconds']:.3f} s")
+        via = ("same-host copies (cma) through the server's unix socket"
+               if stats["counters"].get("cma_connections") else "TCP")
+        print(f"  blocks moved by {via}")
         print("memkv demo: OK")
     finally:
         srv.stop()

@@ -30,9 +30,9 @@ IO_RESULT_AT = 60
 ACT_STORE, ACT_DRAIN, ACT_LOAD, ACT_REPLY, ACT_RAM = (
     lib.MEMKV_ACT_STORE, lib.MEMKV_ACT_DRAIN, lib.MEMKV_ACT_LOAD, lib.MEMKV_ACT_REPLY,
     lib.MEMKV_ACT_RAM)
-RES_OK, RES_BAD_CSUM, RES_IO, RES_STALE, RES_CORRUPT, RES_PRESET = (
+RES_OK, RES_BAD_CSUM, RES_IO, RES_STALE, RES_CORRUPT, RES_PRESET, RES_FAULT = (
     lib.MEMKV_RES_OK, lib.MEMKV_RES_BAD_CSUM, lib.MEMKV_RES_IO, lib.MEMKV_RES_STALE,
-    lib.MEMKV_RES_CORRUPT, lib.MEMKV_RES_PRESET)
+    lib.MEMKV_RES_CORRUPT, lib.MEMKV_RES_PRESET, lib.MEMKV_RES_FAULT)
 
 
 def _check(rc: int, what: str) -> None:
@@ -106,13 +106,14 @@ class Conn:
     """One authenticated connection (C: struct memkv_conn). Errors: OSError when the connection
     broke (close it), AuthError / ServerError when the server refused (their text is the server's)."""
 
-    def __init__(self, host: str, port: int, namespace: bytes, secret: bytes | None, timeout: float):
+    def __init__(self, host: str, port: int, namespace: bytes, secret: bytes | None, timeout: float,
+                 same_host: bool = True):
         from .errors import AuthError, ConnectionFailed
         self._c = ffi.new("struct memkv_conn *")
         err = ffi.new("char[1024]")
         secret = secret or b""
         rc = lib.memkv_conn_open(self._c, host.encode(), port, namespace, len(namespace), secret,
-                                 len(secret), max(1, int(timeout * 1000)), err, 1024)
+                                 len(secret), max(1, int(timeout * 1000)), int(same_host), err, 1024)
         if rc == 1:
             cls = AuthError if self._c.last_status == lib.MEMKV_ST_AUTH_FAILED else ServerError
             raise cls(ffi.string(err).decode(errors="replace"))
@@ -120,6 +121,7 @@ class Conn:
             text = ffi.string(err).decode(errors="replace") or f"cannot connect to memkv server {host}:{port}"
             raise ConnectionFailed(f"{text}: {os.strerror(-rc)}")
         self.fd = self._c.fd
+        self.cma = bool(self._c.cma)
         self.max_block, self.min_block, self.max_batch = self._c.max_block, self._c.min_block, self._c.max_batch
 
     def close(self) -> None:
@@ -174,13 +176,23 @@ class Arena:
         if self._ptr == ffi.NULL:
             raise MemoryError("memkv arena")
 
-    def server_put(self, sock_fd: int, ios: bytearray, n: int) -> None:
-        _check(lib.memkv_server_put(sock_fd, self._ptr, ffi.from_buffer("struct memkv_io[]", ios), n),
-               "receive")
+    def server_put(self, sock_fd: int, ios: bytearray, n: int, cma_pid: int = 0, peer=None) -> None:
+        """peer: with cma, the client's buffer addresses (n little-endian u64) in process cma_pid."""
+        _check(lib.memkv_server_put(sock_fd, self._ptr, ffi.from_buffer("struct memkv_io[]", ios), n,
+                                    cma_pid, _peer(peer)), "copy from client" if cma_pid else "receive")
 
-    def server_get(self, sock_fd: int, ios: bytearray, n: int) -> None:
-        _check(lib.memkv_server_get(sock_fd, self._ptr, ffi.from_buffer("struct memkv_io[]", ios), n),
-               "send")
+    def server_get(self, sock_fd: int, ios: bytearray, n: int, cma_pid: int = 0, peer=None) -> None:
+        _check(lib.memkv_server_get(sock_fd, self._ptr, ffi.from_buffer("struct memkv_io[]", ios), n,
+                                    cma_pid, _peer(peer)), "copy to client" if cma_pid else "send")
+
+
+def _peer(table):
+    return ffi.NULL if table is None else ffi.cast("const uint64_t *", ffi.from_buffer(table))
+
+
+def cma_probe(pid: int, addr: int, expect: int) -> int:
+    """0 when this process can read `expect` at addr in process pid, else a negative errno."""
+    return lib.memkv_cma_probe(pid, addr, expect)
 
 
 def disk_seq(path: str, block: int, total: int, write: bool, depth: int) -> float:

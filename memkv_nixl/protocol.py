@@ -1,13 +1,24 @@
 """The memkv wire format: the single Python description of every frame (C twin: _native/memkv.h).
 
 A connection starts with HELLO (version, namespace) -> CHALLENGE (limits, nonce, whether a secret
-is required) -> AUTH (HMAC-SHA256 of the nonce) -> AUTH reply. Then requests, one at a time per
+is required, the server's id and unix socket) -> AUTH (HMAC-SHA256 of the nonce) -> AUTH reply. Then requests, one at a time per
 connection: a 32-byte frame header, `count` request descriptors, the keys blob, and for PUT the
 payloads in descriptor order followed by a trailer of `count` little-endian u64 xxh3-64 checksums
-(the client hashes each block right after sending it, so hashing overlaps the transfer). Replies use the same header; PUT/EXISTS/DELETE/PIN/UNPIN reply with
-one status byte per descriptor, GET streams (reply descriptor + payload) per descriptor, STATS
-replies with JSON. A frame-level problem is answered by an ERROR frame (status + UTF-8 message),
-after which the server closes the connection. All integers are little-endian.
+(the client hashes each block right after sending it, so hashing overlaps the transfer). Replies
+use the same header; PUT/EXISTS/DELETE/PIN/UNPIN reply with one status byte per descriptor, GET
+streams (reply descriptor + payload) per descriptor, STATS replies with JSON.
+
+cma (client and server on one host, over a unix socket): the HELLO asks for it and names 8 bytes of
+client memory with their value; the server, which has the client's pid from the kernel
+(SO_PEERCRED), reads them back with process_vm_readv and grants cma in the CHALLENGE. PUT and GET
+frames flagged CMA then carry a table of `count` u64 buffer addresses after the keys instead of
+payloads and checksums: the server copies straight from (PUT, hashing as it copies) and into (GET)
+the client's memory, and a GET reply streams only the reply descriptors. A client that reached
+the server over TCP from the same host moves to the unix socket the CHALLENGE names, when the
+server there has the same id and grants cma.
+
+A frame-level problem is answered by an ERROR frame (status + UTF-8 message), after which the
+server closes the connection. All integers are little-endian.
 This module must stay free of I/O: it only packs, unpacks and names things.
 """
 import enum
@@ -41,8 +52,16 @@ class Op(enum.IntEnum):
     ERROR = 15
 
 
-class PutFlag(enum.IntFlag):
-    REPLACE = 1  # overwrite committed keys (region mode: a file-shaped tier rewrites its slots)
+class FrameFlag(enum.IntFlag):
+    REPLACE = 1  # PUT: overwrite committed keys (region mode: a file-shaped tier rewrites its slots)
+    CMA = 2      # PUT/GET on a cma connection: an address table replaces the payload bytes
+
+
+HELLO_CMA = 1    # HELLO flag: the client (on a unix socket) asks for cma; 16 probe bytes follow
+FEATURE_CMA = 1  # CHALLENGE features: cma granted
+CMA_PROBE = struct.Struct("<QQ")  # address of 8 bytes in the client, and their value
+SERVER_ID_LEN = 16     # after the CHALLENGE: a random id of the server process, then the path of
+MAX_UNIX_PATH = 107    # its unix socket (empty when none): a TCP client on the same host moves there
 
 
 class Status(enum.IntEnum):
@@ -72,7 +91,7 @@ REQ_DESC = struct.Struct("<QQIHH")      # len csum(reserved, 0) key_off key_len 
 CSUM = struct.Struct("<Q")              # one entry of the PUT checksum trailer
 GET_REP = struct.Struct("<B7xQQ")       # status len csum
 HELLO = struct.Struct("<HHI")           # version namespace_len flags; namespace bytes follow
-CHALLENGE = struct.Struct("<HB5xQQI4x32s")  # version auth_required max_block min_block max_batch nonce
+CHALLENGE = struct.Struct("<HBB4xQQI4x32s")  # version auth_required features max_block min_block max_batch nonce
 
 
 class Frame(NamedTuple):

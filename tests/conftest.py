@@ -25,7 +25,8 @@ class MemkvServer:
     """One `memkv serve` process. Port 0 is asked for and the real one read from the log, so
     parallel tests never race for ports; a restart reuses the same port and data."""
 
-    def __init__(self, tmp_path, name: str, *, capacity="256MiB", durability="sync", extra=()):
+    def __init__(self, tmp_path, name: str, *, capacity="256MiB", durability="sync", extra=(),
+                 unix=False, prefix=()):
         self.dir = tmp_path / name
         self.dir.mkdir(parents=True, exist_ok=True)
         self.data = self.dir / "data"
@@ -34,6 +35,10 @@ class MemkvServer:
         self.capacity = capacity
         self.durability = durability
         self.extra = list(extra)
+        self.prefix = list(prefix)  # e.g. setpriv, to start the server with fewer privileges
+        # TCP only unless asked: tests of the TCP path must not move to cma on their own
+        self.socket_path = str(self.dir / "memkv.sock") if unix else None
+        self.extra += ["--listen-unix", self.socket_path or "off"]
         self.proc = None
         self.start()
 
@@ -42,11 +47,16 @@ class MemkvServer:
         return f"memkv://127.0.0.1:{self.port}"
 
     @property
+    def unix_endpoint(self) -> str:
+        """Same host, through the unix socket (cma where the server may reach the client)."""
+        return f"memkv+unix://{self.socket_path}"
+
+    @property
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
 
     def start(self) -> None:
-        args = [sys.executable, "-m", "memkv_nixl.cli", "serve", "--data", str(self.data),
+        args = [*self.prefix, sys.executable, "-m", "memkv_nixl.cli", "serve", "--data", str(self.data),
                 "--capacity", str(self.capacity), "--listen", f"127.0.0.1:{self.port}",
                 "--durability", self.durability, *self.extra,
                 # a small DRAM cache: tests run many servers, each faults its cache in at start
@@ -65,6 +75,17 @@ class MemkvServer:
             time.sleep(0.05)
         self.kill9()
         raise RuntimeError(f"memkv server did not become ready; log:\n{self.log()}")
+
+    def flip_payload_byte(self, offset_in_payload=100) -> None:
+        """Flip one payload byte of the first record in the data file (after the superblock)."""
+        with open(self.data / "blocks.dat", "r+b") as f:
+            pos = 4096 + 256 + offset_in_payload
+            f.seek(pos)
+            b = f.read(1)
+            f.seek(pos)
+            f.write(bytes([b[0] ^ 0xFF]))
+            f.flush()
+            os.fsync(f.fileno())
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")

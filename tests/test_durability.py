@@ -89,26 +89,13 @@ def test_kill9_during_put_storm(memkv_server, durability):
             assert served == len(keys)
 
 
-def _flip_payload_byte(s, offset_in_payload=100):
-    """Flip one payload byte of the first record in the data file (after the superblock)."""
-    path = s.data / "blocks.dat"
-    with open(path, "r+b") as f:
-        pos = 4096 + 256 + offset_in_payload
-        f.seek(pos)
-        b = f.read(1)
-        f.seek(pos)
-        f.write(bytes([b[0] ^ 0xFF]))
-        f.flush()
-        os.fsync(f.fileno())
-
-
 def test_flipped_byte_on_disk_is_a_miss_counted_and_dropped(memkv_server):
     s = memkv_server(extra=["--ram-cache", "0"])  # reads must reach the disk
     keys, data = _blocks("flip", 4)
     with s.client() as c:
         c.put(keys[:1], data[:1])  # first record in the file
         c.put(keys[1:], data[1:])
-    _flip_payload_byte(s)
+    s.flip_payload_byte()
     with s.client() as c:
         st, got = _read_all(c, keys, 8192)
         assert st == [Status.MISS, Status.OK, Status.OK, Status.OK]
@@ -129,7 +116,7 @@ def test_flipped_byte_stays_a_miss_after_restart(memkv_server):
     with s.client() as c:
         c.put(keys, data)
     s.stop()
-    _flip_payload_byte(s, 5000)
+    s.flip_payload_byte(5000)
     s.start()
     with s.client() as c:
         st, got = _read_all(c, keys, 8192)

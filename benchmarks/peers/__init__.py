@@ -1,5 +1,5 @@
-"""Peer stores the benchmark measures memkv against (Redis, Mooncake Store); see each module."""
+"""Peer stores the benchmark measures memkv against (Redis over TCP and over a unix socket, Mooncake Store); see each module."""
 from .mooncake_peer import MooncakePeer
-from .redis_peer import RedisPeer
+from .redis_peer import RedisPeer, RedisUnixPeer
 
-PEERS = [RedisPeer, MooncakePeer]
+PEERS = [RedisPeer, RedisUnixPeer, MooncakePeer]

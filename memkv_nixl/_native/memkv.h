@@ -16,6 +16,20 @@
 #define MEMKV_MAX_KEY 128
 #define MEMKV_WIRE_VERSION 1
 #define MEMKV_PUT_REPLACE 1 /* PUT frame flag: replace committed keys (file-shaped region mode) */
+/* PUT/GET frame flag, on connections that negotiated cma: the payloads are not in the stream; a
+   table of `count` u64 caller addresses follows the keys, and the server copies with
+   process_vm_readv (PUT) / process_vm_writev (GET) in the caller's process. */
+#define MEMKV_FLAG_CMA 2
+/* HELLO flag: the client asks for cma; 16 bytes follow the namespace: the address of 8 bytes in
+   its memory and their value, which the server reads back to prove it can reach that memory. */
+#define MEMKV_HELLO_CMA 1
+/* CHALLENGE features byte: cma granted on this connection. */
+#define MEMKV_FEATURE_CMA 1
+/* After the 64-byte CHALLENGE: a random id of the server process, then the path of its unix
+   socket (up to the body's end; empty when it has none). A TCP client on the same host moves to
+   that socket when the server behind it has the same id. */
+#define MEMKV_SERVER_ID_LEN 16
+#define MEMKV_MAX_UNIX_PATH 107
 
 enum memkv_op {
     MEMKV_OP_HELLO = 1, MEMKV_OP_AUTH = 2, MEMKV_OP_PUT = 3, MEMKV_OP_GET = 4, MEMKV_OP_EXISTS = 5,
@@ -99,6 +113,7 @@ enum memkv_result {
     MEMKV_RES_STALE = 3,     /* GET: header names another block (slot overwritten) */
     MEMKV_RES_CORRUPT = 4,   /* GET: header or payload checksum mismatch */
     MEMKV_RES_PRESET = 5,    /* nothing done; the preset wire status was used */
+    MEMKV_RES_FAULT = 6,     /* cma: the caller's buffer could not be read or written */
 };
 
 /* One descriptor's disk side, filled by the server's index before the C call. */
@@ -147,14 +162,16 @@ int memkv_send_all(int fd, const void *buf, size_t len);
 int memkv_recv_all(int fd, void *buf, size_t len);
 
 /* Client PUT: send head (header + descriptors + keys), each caller buffer, then the trailer of
-   xxh3 checksums (also written to csums[i]), in one stream. */
+   xxh3 checksums (also written to csums[i]), in one stream. (cma: memkv_conn_put sends the
+   address table instead.) */
 int memkv_client_put(int fd, const void *head, size_t head_len, uint32_t n,
                      const uint64_t *ptrs, const uint64_t *lens, uint64_t *csums);
-/* Client GET: send head, receive the reply header into *rep; when it is a GET reply with status OK,
-   receive each block straight into ptrs[i] (capacity caps[i]), optionally verifying its checksum.
+/* Client GET: send head (for cma, with the address table), receive the reply header into *rep;
+   when it is a GET reply with status OK, receive each block straight into ptrs[i] (capacity
+   caps[i]) or, with cma, find it already copied there; optionally verify its checksum.
    Returns 0 when blocks were received, 1 when *rep is an error frame (its body is still unread). */
 int memkv_client_get(int fd, const void *head, size_t head_len, uint32_t n,
-                     const uint64_t *ptrs, const uint64_t *caps, int verify,
+                     const uint64_t *ptrs, const uint64_t *caps, int verify, int cma,
                      struct memkv_frame_hdr *rep, uint8_t *status, uint64_t *lens);
 
 /* Start the shared O_DIRECT I/O thread pool (idempotent). */
@@ -162,11 +179,18 @@ int memkv_io_start(int nthreads);
 /* Staging buffers for one connection; budget = bytes it may keep for blocks in flight. */
 struct memkv_arena *memkv_arena_new(uint64_t budget);
 void memkv_arena_free(struct memkv_arena *a);
-/* Server PUT: receive the payloads of ios[0..n) from sock and write STORE records to disk,
-   overlapping network and disk. Per-descriptor outcome in ios[i].status/result. */
-int memkv_server_put(int sock, struct memkv_arena *a, struct memkv_io *ios, uint32_t n);
-/* Server GET: read LOAD records ahead, verify header and checksum, stream replies to sock. */
-int memkv_server_get(int sock, struct memkv_arena *a, struct memkv_io *ios, uint32_t n);
+/* Server PUT: receive the payloads of ios[0..n) and write STORE records to disk, overlapping
+   network and disk. Per-descriptor outcome in ios[i].status/result. With pid != 0 (cma) the
+   payloads are copied from addresses peer[i] in process pid instead of the socket. */
+int memkv_server_put(int sock, struct memkv_arena *a, struct memkv_io *ios, uint32_t n, int pid,
+                     const uint64_t *peer);
+/* Server GET: read LOAD records ahead, verify header and checksum, stream replies to sock.
+   With pid != 0 (cma) each payload is copied to peer[i] in process pid; only replies are sent. */
+int memkv_server_get(int sock, struct memkv_arena *a, struct memkv_io *ios, uint32_t n, int pid,
+                     const uint64_t *peer);
+/* cma handshake: 0 when the 8 bytes at addr in process pid hold `expect`, else a negative errno
+   (-EACCES: they differ). */
+int memkv_cma_probe(int pid, uint64_t addr, uint64_t expect);
 
 /* Ceiling measurement: sequential O_DIRECT write (write=1) or read of total bytes in blocks of
    `block` with `depth` in flight on the pool; returns seconds, or a negative errno. */

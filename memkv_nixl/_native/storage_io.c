@@ -36,6 +36,41 @@ int memkv_send_iov(int fd, struct iovec *iov, int cnt); /* wire.c */
 
 static uint64_t round_up(uint64_t v, uint64_t a) { return (v + a - 1) / a * a; }
 
+/* ---- cma: one-sided copies with a client process on this host ------------------------------- */
+/* Copy len bytes between our `local` and `remote` in process pid (write: to it). -EFAULT means the
+   client named memory it does not have (that descriptor fails); any other error ends the request. */
+static int cma_copy(int pid, int write, void *local, uint64_t remote, uint64_t len) {
+    while (len) {
+        struct iovec l = {local, len}, r = {(void *)(uintptr_t)remote, len};
+        ssize_t k = write ? process_vm_writev(pid, &l, 1, &r, 1, 0) : process_vm_readv(pid, &l, 1, &r, 1, 0);
+        if (k < 0) {
+            if (errno == EINTR) continue;
+            return -errno;
+        }
+        if (k == 0) return -EFAULT;
+        local = (char *)local + k;
+        remote += (uint64_t)k;
+        len -= (uint64_t)k;
+    }
+    return 0;
+}
+
+int memkv_cma_probe(int pid, uint64_t addr, uint64_t expect) {
+    uint64_t v = 0;
+    int rc = cma_copy(pid, 0, &v, addr, sizeof v);
+    return rc ? rc : v == expect ? 0 : -EACCES;
+}
+
+/* Where a PUT's payload bytes come from: the socket, or (cma) the client's memory. */
+struct source {
+    int sock, pid;
+    uint64_t remote; /* cma: the client address of the current block */
+};
+
+static int take(const struct source *src, char *dst, uint64_t at, uint64_t len) {
+    return src->pid ? cma_copy(src->pid, 0, dst, src->remote + at, len) : memkv_recv_all(src->sock, dst, len);
+}
+
 /* ---- I/O pool ------------------------------------------------------------------------------- */
 struct batch {
     pthread_mutex_t mu;
@@ -293,12 +328,33 @@ static uint64_t max_store_len(const struct memkv_io *ios, uint32_t n, uint8_t ac
     return m;
 }
 
+/* cma GET: copy into the client's buffer. The kernel's copy into a destination that is not 64-byte
+   aligned relative to the source ran at 1.6 GB/s here against 8 GB/s aligned (bytearrays sit
+   16 B past a page), so such copies bounce through the arena's spare buffer, placed at the
+   destination's alignment, 1 MiB at a time while it stays in cache. */
+static int cma_push(struct memkv_arena *a, int pid, const char *src, uint64_t dst, uint64_t len) {
+    if (((uintptr_t)src ^ dst) % 64 == 0 || len < 64 * 1024)
+        return cma_copy(pid, 1, (void *)src, dst, len);
+    if (!a->drain && !(a->drain = malloc(DRAIN_BUF))) return -ENOMEM;
+    uint64_t shift = (dst - (uintptr_t)a->drain) % 64;
+    char *bounce = (char *)a->drain + shift;
+    uint64_t room = DRAIN_BUF - 64;
+    for (uint64_t at = 0; at < len;) {
+        uint64_t k = len - at < room ? len - at : room;
+        memcpy(bounce, src + at, k);
+        int rc = cma_copy(pid, 1, bounce, dst + at, k);
+        if (rc) return rc;
+        at += k;
+    }
+    return 0;
+}
+
 /* ---- server PUT ------------------------------------------------------------------------------ */
 /* Receive one block's payload into its record buffer, hashing it step by step while it is in cache,
    and hand each complete piece but the first (it holds the header) and the last (its padding) to
    the pool as soon as it has arrived; those two follow once the checksum is known. */
-static int put_record(int sock, struct batch *b, struct job *jobs, char *rec, uint64_t piece,
-                      struct memkv_io *io) {
+static int put_record(const struct source *src, struct batch *b, struct job *jobs, char *rec,
+                      uint64_t piece, struct memkv_io *io) {
     uint64_t end = MEMKV_REC_HDR + io->len, reclen = round_up(end, MEMKV_ALIGN);
     struct memkv_hstate hs;
     memkv_hs_reset(&hs);
@@ -308,7 +364,11 @@ static int put_record(int sock, struct batch *b, struct job *jobs, char *rec, ui
         uint64_t pend = (k + 1) * piece < end ? (k + 1) * piece : end;
         while (pos < pend) {
             uint64_t step = pend - pos < HASH_STEP ? pend - pos : HASH_STEP;
-            int rc = memkv_recv_all(sock, rec + pos, step);
+            int rc = take(src, rec + pos, pos - MEMKV_REC_HDR, step);
+            if (rc == -EFAULT && src->pid) { /* no header is written: the record never becomes valid */
+                io->result = MEMKV_RES_FAULT;
+                return 0;
+            }
             if (rc) return rc;
             memkv_hs_update(&hs, rec + pos, step);
             if (io->fill) /* into the DRAM cache while the step is still in the CPU cache */
@@ -349,7 +409,8 @@ static int plan_slots(struct memkv_arena *a, const struct memkv_io *ios, uint32_
     return p->nslots && !p->jobs ? -ENOMEM : 0;
 }
 
-int memkv_server_put(int sock, struct memkv_arena *a, struct memkv_io *ios, uint32_t n) {
+int memkv_server_put(int sock, struct memkv_arena *a, struct memkv_io *ios, uint32_t n, int pid,
+                     const uint64_t *peer) {
     struct plan pl;
     int rc = plan_slots(a, ios, n, MEMKV_ACT_STORE, &pl);
     if (rc) return rc;
@@ -364,16 +425,18 @@ int memkv_server_put(int sock, struct memkv_arena *a, struct memkv_io *ios, uint
     for (uint32_t i = 0; i < n && !fatal; i++) {
         struct memkv_io *io = &ios[i];
         if (io->action != MEMKV_ACT_STORE) {
-            fatal = drain(sock, a, io->len);
+            if (!pid) fatal = drain(sock, a, io->len);
             continue;
         }
         uint32_t s = next++ % nslots;
         struct job *sj = &jobs[(size_t)s * per];
         for (uint32_t k = 0; k < per; k++) wait_job(&b, &sj[k]); /* the slot's last record is on disk */
-        fatal = put_record(sock, &b, sj, (char *)a->mem + (size_t)s * slot, piece, io);
+        struct source src = {sock, pid, pid ? peer[i] : 0};
+        fatal = put_record(&src, &b, sj, (char *)a->mem + (size_t)s * slot, piece, io);
     }
-    /* the client's checksums follow the payloads: it hashes each block right after sending it */
-    if (!fatal) fatal = memkv_recv_all(sock, trailer, sizeof(uint64_t) * n);
+    /* the client's checksums follow the payloads: it hashes each block right after sending it.
+       With cma there is no wire to protect: the server hashes what it copied, as it copies. */
+    if (!fatal && !pid) fatal = memkv_recv_all(sock, trailer, sizeof(uint64_t) * n);
     for (size_t k = 0; k < (size_t)nslots * per; k++) wait_job(&b, &jobs[k]);
     for (uint32_t i = 0; i < n; i++) {
         struct memkv_io *io = &ios[i];
@@ -384,7 +447,9 @@ int memkv_server_put(int sock, struct memkv_arena *a, struct memkv_io *ios, uint
         }
         if (io->result == MEMKV_RES_IO) {
             io->status = MEMKV_ST_IO_ERROR;
-        } else if (io->csum != trailer[i]) {
+        } else if (io->result == MEMKV_RES_FAULT) {
+            io->status = MEMKV_ST_BAD_REQUEST;
+        } else if (!pid && io->csum != trailer[i]) {
             io->result = MEMKV_RES_BAD_CSUM;
             io->status = MEMKV_ST_CHECKSUM_MISMATCH;
         } else {
@@ -396,7 +461,8 @@ int memkv_server_put(int sock, struct memkv_arena *a, struct memkv_io *ios, uint
 }
 
 /* ---- server GET ------------------------------------------------------------------------------ */
-int memkv_server_get(int sock, struct memkv_arena *a, struct memkv_io *ios, uint32_t n) {
+int memkv_server_get(int sock, struct memkv_arena *a, struct memkv_io *ios, uint32_t n, int pid,
+                     const uint64_t *peer) {
     struct plan pl;
     int rc = plan_slots(a, ios, n, MEMKV_ACT_LOAD, &pl);
     if (rc) return rc;
@@ -459,8 +525,18 @@ int memkv_server_get(int sock, struct memkv_arena *a, struct memkv_io *ios, uint
             iov[1].iov_len = io->len;
             cnt = 2;
         }
+        if (pid && cnt == 2) { /* cma: the payload goes straight into the client's buffer */
+            fatal = cma_push(a, pid, iov[1].iov_base, peer[i], io->len);
+            if (fatal == -EFAULT) {
+                fatal = 0;
+                io->result = MEMKV_RES_FAULT;
+                io->status = MEMKV_ST_BAD_REQUEST;
+                rep.len = rep.csum = 0;
+            }
+            cnt = 1;
+        }
         rep.status = io->status;
-        fatal = memkv_send_iov(sock, iov, cnt);
+        if (!fatal) fatal = memkv_send_iov(sock, iov, cnt);
         if (fatal) break; /* the client is gone; results of the rest stay PRESET */
         if (io->action == MEMKV_ACT_LOAD) FEED(s);
     }

@@ -192,7 +192,7 @@ int memkv_client_put(int fd, const void *head, size_t head_len, uint32_t n,
 }
 
 int memkv_client_get(int fd, const void *head, size_t head_len, uint32_t n,
-                     const uint64_t *ptrs, const uint64_t *caps, int verify,
+                     const uint64_t *ptrs, const uint64_t *caps, int verify, int cma,
                      struct memkv_frame_hdr *rep, uint8_t *status, uint64_t *lens) {
     int rc = memkv_send_all(fd, head, head_len);
     if (rc) return rc;
@@ -211,7 +211,9 @@ int memkv_client_get(int fd, const void *head, size_t head_len, uint32_t n,
         if (r.status != MEMKV_ST_OK) continue;
         if (r.len > caps[i]) return -EPROTO; /* server must never overrun a buffer */
         char *dst = (char *)(uintptr_t)ptrs[i];
-        if (!verify || r.len <= SEG) {
+        if (cma) { /* the server already copied it here; check it while the next one is copied */
+            if (verify && memkv_h64(dst, r.len) != r.csum) status[i] = MEMKV_ST_CHECKSUM_MISMATCH;
+        } else if (!verify || r.len <= SEG) {
             rc = memkv_recv_all(fd, dst, r.len);
             if (rc) return rc;
             if (verify && memkv_h64(dst, r.len) != r.csum) status[i] = MEMKV_ST_CHECKSUM_MISMATCH;

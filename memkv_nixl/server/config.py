@@ -6,7 +6,7 @@ import shutil
 import tomllib
 
 from ..errors import ConfigError
-from ..protocol import MAX_BATCH
+from ..protocol import MAX_BATCH, MAX_UNIX_PATH
 from ..units import format_size, parse_size
 
 DEFAULT_PORT = 9900
@@ -23,6 +23,8 @@ class ServerConfig:
     data: list[str] = dataclasses.field(default_factory=list)
     capacity: int = 0                 # 0: default (fits the disk)
     listen: str = f"127.0.0.1:{DEFAULT_PORT}"
+    listen_unix: str | None = None    # unix socket for clients on this host (cma); default
+                                      # <meta-dir>/memkv.sock, "off": none
     durability: str = "sync"
     secret_file: str | None = None
     min_block: int = 4 << 10
@@ -68,6 +70,17 @@ class ServerConfig:
             problems.append(f"max block {format_size(c.max_block)} is above the 1GiB limit")
         if not 1 <= c.max_batch <= MAX_BATCH:
             problems.append(f"max batch {c.max_batch} outside 1..{MAX_BATCH}")
+        if c.listen_unix is None:
+            c.listen_unix = os.path.join(c.meta_dir, "memkv.sock")
+            if len(c.listen_unix.encode()) > MAX_UNIX_PATH:
+                c.listen_unix = None  # a default too long for sun_path: TCP only (see the log)
+        elif c.listen_unix in ("", "off"):
+            c.listen_unix = None
+        else:
+            c.listen_unix = os.path.abspath(os.path.expanduser(c.listen_unix))
+            if len(c.listen_unix.encode()) > MAX_UNIX_PATH:
+                problems.append(f"unix socket path {c.listen_unix} is longer than {MAX_UNIX_PATH} "
+                                "bytes; choose a shorter one")
         if c.secret_file and not os.path.isfile(c.secret_file):
             problems.append(f"secret file {c.secret_file} does not exist")
         try:

@@ -1,10 +1,13 @@
-"""The memkv TCP server: accepts connections, authenticates them, and serves descriptor batches.
+"""The memkv server: accepts connections, authenticates them, and serves descriptor batches.
 
-One thread per connection; each request is parsed and planned in Python once per batch, and its
+It listens on TCP and, when asked (--listen-unix), on a unix socket for clients on the same host,
+which may then use cma: the server copies their blocks straight from and into their memory. One
+thread per connection; each request is parsed and planned in Python once per batch, and its
 bytes move in C (memkv_server_put/get) with the GIL released. A client that sends anything
 malformed gets an ERROR frame and is disconnected; no other client notices, and nothing that was
 acknowledged is lost.
 """
+import errno
 import hmac
 import json
 import logging
@@ -15,10 +18,10 @@ import struct
 import threading
 
 from .. import native
-from ..errors import MemkvError, ProtocolError
-from ..protocol import (CHALLENGE, CSUM, FRAME, HELLO, MAC_LEN, MAX_KEY, MAX_NAMESPACE, NONCE_LEN,
-                        REQ_DESC, VERSION, Op, PutFlag, Status, auth_mac, error_frame, pack_frame,
-                        unpack_frame)
+from ..errors import ConfigError, MemkvError, ProtocolError
+from ..protocol import (CHALLENGE, CMA_PROBE, CSUM, FEATURE_CMA, FRAME, HELLO, HELLO_CMA, MAC_LEN,
+                        MAX_KEY, MAX_NAMESPACE, NONCE_LEN, REQ_DESC, SERVER_ID_LEN, VERSION,
+                        FrameFlag, Op, Status, auth_mac, error_frame, pack_frame, unpack_frame)
 from .config import ServerConfig
 from .store import Store
 
@@ -48,17 +51,30 @@ class Server:
         self.sock.bind((host, port))
         self.sock.listen(128)
         self.address = f"{host}:{self.sock.getsockname()[1]}"
+        self.unix_sock = _unix_listener(cfg.listen_unix) if cfg.listen_unix else None
+        # announced with the unix socket: a TCP client on this host checks that the server behind
+        # the socket is this one before it moves there
+        self.server_id = os.urandom(SERVER_ID_LEN)
+        self._announce = self.server_id + (cfg.listen_unix or "").encode()
         self._conns: set[socket.socket] = set()
         self._conns_lock = threading.Lock()
         self._stopping = threading.Event()
 
     # ---- lifecycle ---------------------------------------------------------------------------
     def serve_forever(self) -> None:
+        if self.unix_sock is not None:
+            log.info("memkv also listening on memkv+unix://%s (same-host clients; cma)",
+                     self.cfg.listen_unix)
+            threading.Thread(target=self._accept_loop, args=(self.unix_sock,), daemon=True,
+                             name="memkv-accept-unix").start()
         log.info("memkv serving on %s (durability %s, auth %s)", self.address, self.cfg.durability,
                  "on" if self.secret else "off")
+        self._accept_loop(self.sock)
+
+    def _accept_loop(self, listener: socket.socket) -> None:
         while not self._stopping.is_set():
             try:
-                conn, addr = self.sock.accept()
+                conn, addr = listener.accept()
             except OSError:
                 if self._stopping.is_set():
                     break
@@ -66,7 +82,7 @@ class Server:
             with self._conns_lock:
                 self._conns.add(conn)
             threading.Thread(target=self._serve_connection, args=(conn, addr), daemon=True,
-                             name=f"memkv-conn-{addr[1]}").start()
+                             name="memkv-conn").start()
 
     def shutdown(self) -> None:
         """Clean stop: no new connections, close the open ones, checkpoint the index."""
@@ -78,6 +94,12 @@ class Server:
         except OSError:
             pass
         self.sock.close()
+        if self.unix_sock is not None:
+            self.unix_sock.close()
+            try:
+                os.unlink(self.cfg.listen_unix)
+            except OSError:
+                pass
         with self._conns_lock:
             conns = list(self._conns)
         for c in conns:
@@ -90,12 +112,19 @@ class Server:
 
     # ---- one connection ----------------------------------------------------------------------
     def _serve_connection(self, conn: socket.socket, addr) -> None:
-        peer = f"{addr[0]}:{addr[1]}"
         fd = conn.fileno()
-        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        cma = None
+        if conn.family == socket.AF_UNIX:
+            pid, uid, _gid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                                 struct.calcsize("3i")))
+            peer = f"pid {pid} (uid {uid}, unix socket)"
+        else:
+            peer = f"{addr[0]}:{addr[1]}"
+            pid = 0
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         try:
             set_timeouts(conn, HANDSHAKE_TIMEOUT_S)  # a silent stranger must not hold a thread
-            ns_id = self._handshake(conn, fd, peer)
+            ns_id, cma = self._handshake(conn, fd, peer, pid)
             set_timeouts(conn, self.cfg.idle_timeout)
             arena = native.Arena(ARENA_BUDGET)
             while not self._stopping.is_set():
@@ -103,7 +132,7 @@ class Server:
                     head = native.recv_exact(fd, FRAME.size)
                 except OSError:
                     return  # closed or idle past the timeout between requests
-                self._serve_request(fd, ns_id, arena, unpack_frame(head, peer), peer)
+                self._serve_request(fd, ns_id, arena, unpack_frame(head, peer), peer, cma)
         except ProtocolError as e:
             self.store.counters["bad_requests"] += 1
             log.warning("client %s: %s; closing its connection", peer, e)
@@ -121,6 +150,8 @@ class Server:
             with self._conns_lock:
                 self._conns.discard(conn)
             conn.close()
+            if cma is not None:
+                cma.close()
 
     def _refuse(self, fd: int, status: Status, message: str) -> None:
         try:
@@ -129,27 +160,36 @@ class Server:
             pass
         raise _Refused(message)
 
-    def _handshake(self, conn, fd: int, peer: str) -> int:
+    def _handshake(self, conn, fd: int, peer: str, pid: int):
+        """Returns the namespace id and, when cma was granted, the client's _CmaPeer."""
         f = unpack_frame(native.recv_exact(fd, FRAME.size), peer)
-        if f.op != Op.HELLO or not HELLO.size <= f.body_len <= HELLO.size + MAX_NAMESPACE:
-            raise ProtocolError(f"expected HELLO with a body of {HELLO.size}..{HELLO.size + MAX_NAMESPACE}"
-                                f" bytes, got op {f.op} with {f.body_len}")
+        most = HELLO.size + MAX_NAMESPACE + CMA_PROBE.size
+        if f.op != Op.HELLO or not HELLO.size <= f.body_len <= most:
+            raise ProtocolError(f"expected HELLO with a body of {HELLO.size}..{most} bytes, got op "
+                                f"{f.op} with {f.body_len}")
         body = native.recv_exact(fd, f.body_len)
-        version, ns_len, _flags = HELLO.unpack_from(body)
+        version, ns_len, flags = HELLO.unpack_from(body)
         if version != VERSION:
             self._refuse(fd, Status.VERSION_MISMATCH, f"client speaks wire version {version}, server "
                          f"{self.address} speaks {VERSION}; upgrade the older side")
         ns_raw = bytes(body[HELLO.size:HELLO.size + ns_len])
-        if ns_len != f.body_len - HELLO.size or not ns_raw:
+        probe = CMA_PROBE.size if flags & HELLO_CMA else 0
+        if ns_len != f.body_len - HELLO.size - probe or not ns_raw:
             raise ProtocolError(f"HELLO namespace length {ns_len} does not match its frame")
+        cma = None
+        if probe and pid:
+            cma = _CmaPeer.probe(pid, *CMA_PROBE.unpack_from(body, HELLO.size + ns_len), peer)
+            self.store.counters["cma_connections" if cma else "cma_refused"] += 1
         try:
             ns = ns_raw.decode()
         except UnicodeDecodeError:
             raise ProtocolError("namespace is not UTF-8") from None
         nonce = os.urandom(NONCE_LEN)
         cfg = self.cfg
-        native.send_all(fd, pack_frame(Op.HELLO, body_len=CHALLENGE.size) + CHALLENGE.pack(
-            VERSION, int(self.secret is not None), cfg.max_block, cfg.min_block, cfg.max_batch, nonce))
+        native.send_all(fd, pack_frame(Op.HELLO, body_len=CHALLENGE.size + len(self._announce)) +
+                        CHALLENGE.pack(VERSION, int(self.secret is not None),
+                                       FEATURE_CMA if cma else 0, cfg.max_block, cfg.min_block,
+                                       cfg.max_batch, nonce) + self._announce)
         f = unpack_frame(native.recv_exact(fd, FRAME.size), peer)
         if f.op != Op.AUTH or f.body_len != MAC_LEN:
             raise ProtocolError(f"expected AUTH with a {MAC_LEN}-byte body, got op {f.op}")
@@ -160,9 +200,9 @@ class Server:
             self._refuse(fd, Status.AUTH_FAILED, f"authentication failed at {self.address}: the "
                          "shared secret does not match the server's --secret-file")
         native.send_all(fd, pack_frame(Op.AUTH))
-        return self.store.namespace(ns)
+        return self.store.namespace(ns), cma
 
-    def _serve_request(self, fd: int, ns_id: int, arena, f, peer: str) -> None:
+    def _serve_request(self, fd: int, ns_id: int, arena, f, peer: str, cma) -> None:
         if f.op == Op.STATS:
             body = json.dumps({"server": self.address, **self.store.stats()}).encode()
             native.send_all(fd, pack_frame(Op.STATS, req_id=f.req_id, body_len=len(body)) + body)
@@ -182,12 +222,22 @@ class Server:
             lo, hi = 0, (1 << 64) - 1
         else:
             lo, hi = 0, 0
-        if f.body_len < fixed or (f.op != Op.PUT and f.body_len != fixed):
+        via_cma = bool(f.flags & FrameFlag.CMA)
+        if via_cma:
+            if f.op not in (Op.PUT, Op.GET) or cma is None:
+                raise ProtocolError("CMA frame flag on a connection without cma (it is granted only "
+                                    "on a unix socket, to a client the server can reach)")
+            cma.check_alive()
+            addrs = fixed
+            fixed += 8 * f.count  # the table of the client's buffer addresses
+        if f.body_len < fixed or ((f.op != Op.PUT or via_cma) and f.body_len != fixed):
             raise ProtocolError(f"frame body of {f.body_len} bytes does not match {f.count} "
                                 f"descriptors and {f.keys_len} key bytes")
         table = native.recv_exact(fd, fixed)
         payload = native.check_descs(table, f.count, f.keys_len, lo, hi)
-        if f.op == Op.PUT and f.body_len != fixed + payload + CSUM.size * f.count:
+        peer_addrs = memoryview(table)[addrs:] if via_cma else None
+        cma_pid = cma.pid if via_cma else 0
+        if f.op == Op.PUT and not via_cma and f.body_len != fixed + payload + CSUM.size * f.count:
             raise ProtocolError(f"PUT body of {f.body_len} bytes does not match its descriptors "
                                 f"({fixed} + {payload} payload + {CSUM.size * f.count} checksum bytes)")
         descs = list(REQ_DESC.iter_unpack(memoryview(table)[:f.count * REQ_DESC.size]))
@@ -198,9 +248,9 @@ class Server:
             addr = native.address_of(table) + base
             ios, plan = store.plan_put(ns_id, keys, [d[0] for d in descs],
                                           [addr + d[2] for d in descs],
-                                          replace=bool(f.flags & PutFlag.REPLACE))
+                                          replace=bool(f.flags & FrameFlag.REPLACE))
             try:
-                arena.server_put(fd, ios, f.count)
+                arena.server_put(fd, ios, f.count, cma_pid, peer_addrs)
             finally:
                 statuses = store.commit_put(plan, ios)
             native.send_all(fd, pack_frame(Op.PUT, req_id=f.req_id, count=f.count,
@@ -211,7 +261,7 @@ class Server:
                                           [addr + d[2] for d in descs])
             try:
                 native.send_all(fd, pack_frame(Op.GET, req_id=f.req_id, count=f.count))
-                arena.server_get(fd, ios, f.count)
+                arena.server_get(fd, ios, f.count, cma_pid, peer_addrs)
             finally:
                 store.finish_get(ns_id, plan, ios)
         else:
@@ -223,6 +273,69 @@ class Server:
                 statuses = store.pin(ns_id, keys, f.op == Op.PIN)
             native.send_all(fd, pack_frame(f.op, req_id=f.req_id, count=f.count,
                                            body_len=f.count) + bytes(statuses))
+
+
+class _CmaPeer:
+    """A client process whose memory this server may copy to and from (granted by the kernel,
+    whose ptrace rules process_vm_readv/writev follow, and proven by the HELLO probe). A pidfd pins
+    the identity: if the process that connected has exited, its pid may now name another one."""
+
+    _refusals_logged: set = set()
+
+    def __init__(self, pid: int, pidfd: int):
+        self.pid, self.pidfd = pid, pidfd
+
+    @classmethod
+    def probe(cls, pid: int, addr: int, expect: int, peer: str):
+        try:
+            pidfd = os.pidfd_open(pid)
+        except OSError:
+            return None  # gone already (or a kernel without pidfds): the socket path still works
+        rc = native.cma_probe(pid, addr, expect)
+        if rc == 0:
+            return cls(pid, pidfd)
+        os.close(pidfd)
+        why = os.strerror(-rc) if rc != -errno.EACCES else "the probe read back other bytes"
+        if rc not in cls._refusals_logged:  # one line per kind of refusal, not per connection
+            cls._refusals_logged.add(rc)
+            log.warning("client %s: cma refused (%s: this server may not read its memory, e.g. "
+                        "another user or ptrace restrictions); its blocks go through the socket",
+                        peer, why)
+        return None
+
+    def check_alive(self) -> None:
+        try:
+            signal.pidfd_send_signal(self.pidfd, 0)
+        except ProcessLookupError:
+            raise ProtocolError(f"cma client process {self.pid} has exited; its connection is "
+                                "held by another process, which must connect itself") from None
+
+    def close(self) -> None:
+        os.close(self.pidfd)
+
+
+def _unix_listener(path: str) -> socket.socket:
+    """Bind a unix socket at path, replacing a stale socket file left by a killed server."""
+    if os.path.exists(path):
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(path)
+        except ConnectionRefusedError:
+            os.unlink(path)  # nobody listens there: a leftover
+        except OSError:
+            pass
+        else:
+            raise ConfigError(f"--listen-unix {path}: another server is listening there")
+        finally:
+            probe.close()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(path)
+    except OSError as e:
+        sock.close()
+        raise ConfigError(f"--listen-unix {path}: {e.strerror}") from e
+    sock.listen(128)
+    return sock
 
 
 def set_timeouts(sock: socket.socket, seconds: float) -> None:

@@ -404,8 +404,8 @@ class Store:
                     self.ram.filled(slots[i], r == native.RES_OK)
                 if r == native.RES_OK:
                     ns.hits += 1
-                elif r == native.RES_PRESET:
-                    pass  # the client went away before this one
+                elif r in (native.RES_PRESET, native.RES_FAULT):
+                    pass  # the client went away before this one, or named a bad buffer (cma)
                 else:
                     ns.misses += 1
                     what = {native.RES_STALE: "stale", native.RES_CORRUPT: "corrupt",

@@ -49,6 +49,8 @@ struct Endpoint {
     std::vector<memkv_conn> idle;
     std::chrono::steady_clock::time_point down_until{};
     bool warned = false;
+    bool cma_warned = false;
+    std::string name() const { return port ? host + ":" + std::to_string(port) : host; }
 };
 
 struct Config {
@@ -56,6 +58,7 @@ struct Config {
     std::string ns, secret;
     int timeout_ms = 30000;
     bool verify = true;
+    bool same_host = true;
     int threads = 4;
 };
 
@@ -331,8 +334,17 @@ private:
             std::string ep = eps.substr(pos, end == std::string::npos ? std::string::npos : end - pos);
             pos = end == std::string::npos ? eps.size() : end + 1;
             if (ep.empty()) continue;
-            if (ep.rfind("memkv://", 0) == 0) ep = ep.substr(8);
             auto e = std::make_unique<Endpoint>();
+            if (ep.rfind("memkv+unix://", 0) == 0) { // same host: unix socket, cma where granted
+                e->host = ep.substr(13);
+                if (e->host.empty() || e->host[0] != '/')
+                    return "parameter 'endpoints': '" + ep + "' needs an absolute path (memkv+unix:///run/memkv.sock)";
+                e->port = 0;
+                e->seed = memkv_xxh3(e->host.data(), e->host.size(), 0); // as the Python client
+                cfg_.endpoints.push_back(std::move(e));
+                continue;
+            }
+            if (ep.rfind("memkv://", 0) == 0) ep = ep.substr(8);
             size_t colon = ep.rfind(':');
             e->host = colon == std::string::npos ? ep : ep.substr(0, colon);
             if (colon != std::string::npos) {
@@ -367,6 +379,8 @@ private:
         if (*endp || t < 1 || t > 3600000) return "parameter 'timeout_ms' must be 1..3600000, got '" + p["timeout_ms"] + "'";
         cfg_.timeout_ms = (int)t;
         if (!parse_bool(p["verify"], cfg_.verify)) return "parameter 'verify' must be true or false, got '" + p["verify"] + "'";
+        if (!parse_bool(p["same_host"], cfg_.same_host))
+            return "parameter 'same_host' must be true or false, got '" + p["same_host"] + "'";
         long th = std::strtol(p["threads"].c_str(), &endp, 10);
         if (*endp || th < 1 || th > 64) return "parameter 'threads' must be 1..64, got '" + p["threads"] + "'";
         cfg_.threads = (int)th;
@@ -398,18 +412,23 @@ private:
                 return true;
             }
             if (std::chrono::steady_clock::now() < ep.down_until) {
-                err = ep.host + ":" + std::to_string(ep.port) + " is marked down";
+                err = ep.name() + " is marked down";
                 return false;
             }
         }
         char msg[512] = {0};
         int rc = memkv_conn_open(&c, ep.host.c_str(), ep.port, (const uint8_t *)cfg_.ns.data(),
                                  cfg_.ns.size(), (const uint8_t *)cfg_.secret.data(), cfg_.secret.size(),
-                                 cfg_.timeout_ms, msg, sizeof msg);
+                                 cfg_.timeout_ms, cfg_.same_host, msg, sizeof msg);
         if (rc == 0) {
             std::lock_guard<std::mutex> g(ep.mu);
-            if (ep.warned) logf("server %s is reachable again%s", ep.host + ":" + std::to_string(ep.port));
+            if (ep.warned) logf("server %s is reachable again%s", ep.name());
             ep.warned = false;
+            if (!ep.port && !c.cma && !ep.cma_warned) {
+                ep.cma_warned = true;
+                logf("server %s did not grant same-host copies (cma) to this process; blocks go "
+                     "through its unix socket (the server log says why)%s", ep.name());
+            }
             return true;
         }
         err = msg[0] ? msg : std::strerror(-rc);

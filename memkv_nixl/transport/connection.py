@@ -1,6 +1,8 @@
-"""One client connection to one memkv server over TCP. The handshake and every batched request
-run in C (memkv_nixl/_native/conn.c, shared with the NIXL plugin) with the GIL released; payload
-bytes move between the socket and the caller's memory without a copy.
+"""One client connection to one memkv server: over TCP, or over the server's unix socket where
+it may use cma (the server copies blocks straight from and into this process's memory with
+process_vm_readv/writev). The handshake and every batched request run in C
+(memkv_nixl/_native/conn.c, shared with the NIXL plugin) with the GIL released; payload bytes
+move between the socket (or the server) and the caller's memory without a copy.
 
 A Connection is used by one thread at a time (the client's pool hands it out). An OSError or
 ProtocolError leaves it in an unknown state: the caller must close it.
@@ -14,10 +16,12 @@ from ..protocol import FRAME, MAX_ERROR_TEXT, Limits, Op, pack_frame, unpack_fra
 
 
 class Connection:
-    def __init__(self, host: str, port: int, namespace: bytes, secret: bytes | None, timeout: float):
-        self.peer = f"{host}:{port}"
-        self._conn = native.Conn(host, port, namespace, secret, timeout)
+    def __init__(self, host: str, port: int, namespace: bytes, secret: bytes | None, timeout: float,
+                 same_host: bool = True):
+        self.peer = f"{host}:{port}" if port else host
+        self._conn = native.Conn(host, port, namespace, secret, timeout, same_host)
         self.fd = self._conn.fd
+        self.cma = self._conn.cma
         self.limits = Limits(self._conn.max_block, self._conn.min_block, self._conn.max_batch)
 
     def close(self) -> None:

@@ -1,0 +1,218 @@
+"""Same-host clients through the server's unix socket: cma (the server copies blocks straight from
+and into the client's memory) where the kernel lets it, the socket stream where it does not."""
+import json
+import mmap
+import os
+import shutil
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT, Agent
+from memkv_nixl import Client, Status
+from memkv_nixl.protocol import (CMA_PROBE, FRAME, HELLO, HELLO_CMA, REQ_DESC, FrameFlag, Op,
+                                 auth_mac, pack_frame)
+
+KiB, MiB = 1 << 10, 1 << 20
+SIZES = [4 * KiB, 64 * KiB + 24, 1 * MiB, 5 * MiB + 4096, 16 * MiB]
+
+
+def payload(size, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (size,), dtype=torch.uint8, generator=g)
+
+
+def counters(client):
+    (st,) = client.stats().values()
+    return st["counters"]
+
+
+@pytest.fixture
+def unix_server(memkv_server):
+    return memkv_server(unix=True, capacity="512MiB")
+
+
+def test_round_trips_of_many_sizes_and_buffer_kinds_use_cma(unix_server):
+    blocks = [payload(n, n) for n in SIZES]
+    keys = [f"cma/{n}".encode() for n in SIZES]
+    with Client([unix_server.unix_endpoint], namespace="c") as c:
+        assert c.put(keys, blocks) == [Status.OK] * len(SIZES)
+        # tensors, bytearrays, mmaps and raw (address, length) pairs all land in place
+        outs = [torch.zeros(SIZES[0], dtype=torch.uint8), bytearray(SIZES[1]), mmap.mmap(-1, SIZES[2]),
+                torch.zeros(SIZES[3], dtype=torch.uint8)]
+        raw = torch.zeros(SIZES[4], dtype=torch.uint8)
+        lengths = []
+        got = c.get(keys, [*outs, (raw.data_ptr(), raw.numel())], lengths=lengths)
+        assert got == [Status.OK] * len(SIZES) and lengths == SIZES
+        for want, out in zip(blocks, [*outs, raw]):
+            got_bytes = out.numpy().tobytes() if isinstance(out, torch.Tensor) else bytes(out)
+            assert got_bytes == want.numpy().tobytes()
+        assert counters(c)["cma_connections"] >= 1
+        # a buffer larger than the block is fine; a smaller one is refused, untouched
+        small = bytearray(b"\x7f" * 100)
+        assert c.get([keys[0]], [small]) == [Status.BUFFER_TOO_SMALL] and small == b"\x7f" * 100
+        assert c.get([b"cma/none"], [bytearray(10)]) == [Status.MISS]
+
+
+def test_blocks_are_shared_between_cma_and_tcp_clients(unix_server):
+    a, b = payload(3 * MiB, 1), payload(3 * MiB, 2)
+    with Client([unix_server.unix_endpoint], namespace="s") as local, \
+            Client([unix_server.endpoint], namespace="s") as remote:
+        assert local.put([b"from-cma"], [a]) == [Status.OK]
+        assert remote.put([b"from-tcp"], [b]) == [Status.OK]
+        out = torch.zeros(3 * MiB, dtype=torch.uint8)
+        assert remote.get([b"from-cma"], [out]) == [Status.OK] and torch.equal(out, a)
+        assert local.get([b"from-tcp"], [out]) == [Status.OK] and torch.equal(out, b)
+        assert "cma_connections" not in counters(remote) or counters(remote)["cma_connections"] >= 1
+
+
+def test_a_buffer_the_client_does_not_have_fails_only_its_key(unix_server):
+    good = payload(1 * MiB, 3)
+    unmapped = (1 << 46, 1 * MiB)  # no process maps this address
+    with Client([unix_server.unix_endpoint], namespace="f") as c:
+        assert c.put([b"good", b"bad"], [good, unmapped]) == [Status.OK, Status.BAD_REQUEST]
+        assert c.exists([b"good", b"bad"]) == [True, False]  # nothing half-written was committed
+        out = torch.zeros(1 * MiB, dtype=torch.uint8)
+        assert c.get([b"good", b"good"], [unmapped, out]) == [Status.BAD_REQUEST, Status.OK]
+        assert torch.equal(out, good)
+        assert c.get([b"good"], [out]) == [Status.OK]  # the block itself is untouched
+    assert "Traceback" not in unix_server.log()
+
+
+def test_corrupt_record_read_through_cma_is_a_miss(memkv_server):
+    s = memkv_server(unix=True, extra=["--ram-cache", "0"])
+    block = payload(256 * KiB, 4)
+    with Client([s.unix_endpoint], namespace="x") as c:
+        assert c.put([b"k"], [block]) == [Status.OK]
+    s.flip_payload_byte(1000)
+    with Client([s.unix_endpoint], namespace="x") as c:
+        out = torch.zeros(256 * KiB, dtype=torch.uint8)
+        assert c.get([b"k"], [out]) == [Status.MISS]
+        assert counters(c).get("get_corrupt") == 1
+
+
+REFUSED_CLIENT = r"""
+import ctypes, json, logging, sys
+logging.basicConfig(level=logging.WARNING)
+ctypes.CDLL(None).prctl(4, 0, 0, 0, 0)  # PR_SET_DUMPABLE 0: only a CAP_SYS_PTRACE holder may reach us
+from memkv_nixl import Client
+c = Client([sys.argv[1]], namespace="r")
+data = bytes(range(256)) * 4096
+st = c.put([b"r"], [data])
+out = bytearray(len(data))
+st += c.get([b"r"], [out])
+print(json.dumps({"status": [s.name for s in st], "equal": bytes(out) == data}))
+"""
+
+
+def test_client_the_server_may_not_reach_falls_back_to_the_socket(memkv_server):
+    # without CAP_SYS_PTRACE the server may not read a non-dumpable process: a real refusal
+    prefix = ["setpriv", "--bounding-set=-sys_ptrace"] if os.geteuid() == 0 else []
+    if prefix and not shutil.which("setpriv"):
+        pytest.skip("setpriv (util-linux) is needed to start the server without CAP_SYS_PTRACE")
+    s = memkv_server(unix=True, prefix=prefix)
+    r = subprocess.run([sys.executable, "-c", REFUSED_CLIENT, s.unix_endpoint], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout) == {"status": ["OK", "OK"], "equal": True}
+    assert "did not grant same-host copies (cma)" in r.stderr
+    assert "cma refused (Operation not permitted" in s.log()
+    with Client([s.endpoint], namespace="r", same_host=False) as c:
+        assert counters(c)["cma_refused"] == 1
+
+
+def _raw_unix_handshake(path, probe_addr, probe_value):
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(10)
+    sock.connect(path)
+    ns = b"raw"
+    body = HELLO.pack(1, len(ns), HELLO_CMA) + ns + CMA_PROBE.pack(probe_addr, probe_value)
+    sock.sendall(pack_frame(Op.HELLO, body_len=len(body)) + body)
+    hdr = _recv(sock, FRAME.size)
+    challenge = _recv(sock, int.from_bytes(hdr[24:32], "little"))
+    sock.sendall(pack_frame(Op.AUTH, body_len=32) + auth_mac(b"", challenge[-32:], ns))
+    _recv(sock, FRAME.size)
+    return sock, challenge[3]
+
+
+def _recv(sock, n):
+    out = b""
+    while len(out) < n:
+        chunk = sock.recv(n - len(out))
+        if not chunk:
+            break
+        out += chunk
+    return out
+
+
+def test_a_probe_that_does_not_match_gets_no_cma_and_cma_frames_are_refused(unix_server):
+    # the probe names memory whose value is not what the client claims: no cma for it
+    sock, features = _raw_unix_handshake(unix_server.socket_path, 1 << 46, 42)
+    assert features == 0
+    key = b"x"
+    desc = REQ_DESC.pack(4096, 0, 0, len(key), 0)
+    body = desc + key + (1 << 46).to_bytes(8, "little")
+    sock.sendall(pack_frame(Op.PUT, flags=FrameFlag.CMA, count=1, keys_len=1, body_len=len(body)) + body)
+    hdr = _recv(sock, FRAME.size)
+    text = _recv(sock, int.from_bytes(hdr[24:32], "little")).decode()
+    assert hdr[4] == Op.ERROR and "CMA frame flag on a connection without cma" in text
+    sock.close()
+    with Client([unix_server.unix_endpoint], namespace="c") as c:  # others are served as before
+        assert c.put([b"after"], [bytes(4096)]) == [Status.OK]
+
+
+def test_nixl_agent_reads_and_writes_through_the_unix_endpoint(unix_server):
+    agent = Agent()
+    agent.memkv(unix_server, endpoints=unix_server.unix_endpoint)
+    n, size = 6, 2 * MiB
+    src = torch.stack([payload(size, 10 + i) for i in range(n)])
+    dst = torch.zeros(n, size, dtype=torch.uint8)
+    keys = [f"nixl-cma/{i}" for i in range(n)]
+    agent.register_memory([(t.data_ptr(), t.numel(), 0, "") for t in (src, dst)], "DRAM", backends=["MEMKV"])
+    agent.register_memory([(0, size, i, k) for i, k in enumerate(keys)], "OBJ", backends=["MEMKV"])
+    remote = agent.get_xfer_descs([(0, size, i) for i in range(n)], "OBJ")
+    lsrc = agent.get_xfer_descs([(src[i].data_ptr(), size, 0) for i in range(n)], "DRAM")
+    ldst = agent.get_xfer_descs([(dst[i].data_ptr(), size, 0) for i in range(n)], "DRAM")
+    assert agent.xfer("WRITE", lsrc, remote) == "DONE"
+    assert agent.xfer("READ", ldst, remote) == "DONE"
+    assert torch.equal(src, dst)
+    with Client([unix_server.unix_endpoint], namespace="nixl-test") as c:
+        assert counters(c)["cma_connections"] >= 2  # the plugin's connection and this one
+
+
+def test_tcp_client_on_the_same_host_moves_to_the_unix_socket(unix_server):
+    block = payload(4 * MiB, 7)
+    with Client([unix_server.endpoint], namespace="u") as c:  # memkv://127.0.0.1:port
+        assert c.put([b"k"], [block]) == [Status.OK]
+        out = torch.zeros(4 * MiB, dtype=torch.uint8)
+        assert c.get([b"k"], [out]) == [Status.OK] and torch.equal(out, block)
+        assert counters(c)["cma_connections"] >= 1
+        assert c.endpoints == [unix_server.address]  # placement still names the TCP endpoint
+    with Client([unix_server.endpoint], namespace="u", same_host=False) as c:
+        before = counters(c).get("cma_connections", 0)
+        assert c.get([b"k"], [out]) == [Status.OK] and torch.equal(out, block)
+        assert counters(c).get("cma_connections", 0) == before  # stayed on TCP
+
+
+def test_server_without_a_unix_socket_serves_tcp_only(server):
+    with server.client() as c:
+        assert c.put([b"k"], [bytes(8192)]) == [Status.OK]
+        assert "cma_connections" not in counters(c)
+
+
+def test_nixl_agent_with_a_tcp_endpoint_moves_to_the_unix_socket(unix_server):
+    agent = Agent()
+    agent.memkv(unix_server)  # memkv://127.0.0.1:port
+    src = payload(1 * MiB, 8).reshape(1, -1)
+    dst = torch.zeros_like(src)
+    agent.register_memory([(t.data_ptr(), t.numel(), 0, "") for t in (src, dst)], "DRAM", backends=["MEMKV"])
+    agent.register_memory([(0, 1 * MiB, 0, "nixl-up")], "OBJ", backends=["MEMKV"])
+    remote = agent.get_xfer_descs([(0, 1 * MiB, 0)], "OBJ")
+    assert agent.xfer("WRITE", agent.get_xfer_descs([(src.data_ptr(), 1 * MiB, 0)], "DRAM"), remote) == "DONE"
+    assert agent.xfer("READ", agent.get_xfer_descs([(dst.data_ptr(), 1 * MiB, 0)], "DRAM"), remote) == "DONE"
+    assert torch.equal(src, dst)
+    with Client([unix_server.endpoint], namespace="nixl-test", same_host=False) as c:
+        assert counters(c)["cma_connections"] >= 1  # the plugin's connection
