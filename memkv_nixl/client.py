@@ -141,12 +141,15 @@ class _Batch:
     def __init__(self, keys, bufs=None, *, writable=False):
         keys = list(keys)
         problems = []
-        for i, k in enumerate(keys):
-            if not isinstance(k, (bytes, bytearray, memoryview)):
-                problems.append(f"key #{i} is {type(k).__name__}, not bytes")
-            elif not 1 <= len(k) <= MAX_KEY:
-                problems.append(f"key #{i} has {len(k)} bytes (allowed 1..{MAX_KEY})")
-        self.keys = [bytes(k) for k in keys] if not problems else keys
+        if all(type(k) is bytes and 0 < len(k) <= MAX_KEY for k in keys):
+            self.keys = keys  # the common case, checked in one pass
+        else:
+            for i, k in enumerate(keys):
+                if not isinstance(k, (bytes, bytearray, memoryview)):
+                    problems.append(f"key #{i} is {type(k).__name__}, not bytes")
+                elif not 1 <= len(k) <= MAX_KEY:
+                    problems.append(f"key #{i} has {len(k)} bytes (allowed 1..{MAX_KEY})")
+            self.keys = [bytes(k) for k in keys] if not problems else keys
         self.n = len(keys)
         self.keep = []
         if bufs is not None:

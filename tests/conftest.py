@@ -112,6 +112,17 @@ class MemkvServer:
         self.start()
 
 
+def recv_exactly(sock, n: int) -> bytes:
+    """n bytes from a raw socket, or fewer if the server closed it (tests of malformed input)."""
+    out = b""
+    while len(out) < n:
+        chunk = sock.recv(n - len(out))
+        if not chunk:
+            break
+        out += chunk
+    return out
+
+
 @pytest.fixture
 def memkv_server(tmp_path):
     """Factory: memkv_server(name="s0", capacity=..., durability=..., extra=[...])."""

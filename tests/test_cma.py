@@ -11,8 +11,8 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, Agent
-from memkv_nixl import Client, Status
+from conftest import ROOT, Agent, recv_exactly
+from memkv_nixl import AuthError, Client, Status
 from memkv_nixl.protocol import (CMA_PROBE, FRAME, HELLO, HELLO_CMA, REQ_DESC, FrameFlag, Op,
                                  auth_mac, pack_frame)
 
@@ -131,21 +131,11 @@ def _raw_unix_handshake(path, probe_addr, probe_value):
     ns = b"raw"
     body = HELLO.pack(1, len(ns), HELLO_CMA) + ns + CMA_PROBE.pack(probe_addr, probe_value)
     sock.sendall(pack_frame(Op.HELLO, body_len=len(body)) + body)
-    hdr = _recv(sock, FRAME.size)
-    challenge = _recv(sock, int.from_bytes(hdr[24:32], "little"))
-    sock.sendall(pack_frame(Op.AUTH, body_len=32) + auth_mac(b"", challenge[-32:], ns))
-    _recv(sock, FRAME.size)
+    hdr = recv_exactly(sock, FRAME.size)
+    challenge = recv_exactly(sock, int.from_bytes(hdr[24:32], "little"))
+    sock.sendall(pack_frame(Op.AUTH, body_len=32) + auth_mac(b"", challenge[32:64], ns))
+    recv_exactly(sock, FRAME.size)
     return sock, challenge[3]
-
-
-def _recv(sock, n):
-    out = b""
-    while len(out) < n:
-        chunk = sock.recv(n - len(out))
-        if not chunk:
-            break
-        out += chunk
-    return out
 
 
 def test_a_probe_that_does_not_match_gets_no_cma_and_cma_frames_are_refused(unix_server):
@@ -156,8 +146,8 @@ def test_a_probe_that_does_not_match_gets_no_cma_and_cma_frames_are_refused(unix
     desc = REQ_DESC.pack(4096, 0, 0, len(key), 0)
     body = desc + key + (1 << 46).to_bytes(8, "little")
     sock.sendall(pack_frame(Op.PUT, flags=FrameFlag.CMA, count=1, keys_len=1, body_len=len(body)) + body)
-    hdr = _recv(sock, FRAME.size)
-    text = _recv(sock, int.from_bytes(hdr[24:32], "little")).decode()
+    hdr = recv_exactly(sock, FRAME.size)
+    text = recv_exactly(sock, int.from_bytes(hdr[24:32], "little")).decode()
     assert hdr[4] == Op.ERROR and "CMA frame flag on a connection without cma" in text
     sock.close()
     with Client([unix_server.unix_endpoint], namespace="c") as c:  # others are served as before
@@ -216,3 +206,16 @@ def test_nixl_agent_with_a_tcp_endpoint_moves_to_the_unix_socket(unix_server):
     assert torch.equal(src, dst)
     with Client([unix_server.endpoint], namespace="nixl-test", same_host=False) as c:
         assert counters(c)["cma_connections"] >= 1  # the plugin's connection
+
+
+def test_the_secret_guards_the_unix_socket_too(memkv_server, tmp_path):
+    secret, wrong = tmp_path / "secret", tmp_path / "wrong"
+    secret.write_text(os.urandom(16).hex())
+    wrong.write_text("not-the-secret")
+    s = memkv_server(unix=True, extra=["--secret-file", str(secret)])
+    with Client([s.unix_endpoint], namespace="a", secret_file=str(wrong)) as c:
+        with pytest.raises(AuthError, match="authentication failed"):
+            c.put([b"k"], [bytes(4096)])
+    with Client([s.endpoint], namespace="a", secret_file=str(secret)) as c:  # moves to the socket
+        assert c.put([b"k"], [bytes(4096)]) == [Status.OK]
+        assert counters(c)["cma_connections"] >= 1

@@ -6,6 +6,7 @@ import struct
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
+from conftest import recv_exactly
 from memkv_nixl import AuthError, Client, Status
 from memkv_nixl.protocol import FRAME, HELLO, MAGIC, Op, auth_mac, pack_frame
 
@@ -44,27 +45,17 @@ def _raw(s):
 
 def _handshake(sock, ns=b"fuzz"):
     sock.sendall(pack_frame(Op.HELLO, body_len=HELLO.size + len(ns)) + HELLO.pack(1, len(ns), 0) + ns)
-    hdr = _recv(sock, FRAME.size)
-    body = _recv(sock, struct.unpack_from("<Q", hdr, 24)[0])
-    nonce = body[-32:]
+    hdr = recv_exactly(sock, FRAME.size)
+    body = recv_exactly(sock, struct.unpack_from("<Q", hdr, 24)[0])
+    nonce = body[32:64]  # CHALLENGE: ... nonce at 32..64, then the server id and unix path
     sock.sendall(pack_frame(Op.AUTH, body_len=32) + auth_mac(b"", nonce, ns))
-    _recv(sock, FRAME.size)
-
-
-def _recv(sock, n):
-    out = b""
-    while len(out) < n:
-        chunk = sock.recv(n - len(out))
-        if not chunk:
-            break
-        out += chunk
-    return out
+    recv_exactly(sock, FRAME.size)
 
 
 def _error_text(sock) -> str:
     """Read frames until an ERROR frame or EOF; return its text ('' on plain close)."""
     try:
-        hdr = _recv(sock, FRAME.size)
+        hdr = recv_exactly(sock, FRAME.size)
     except OSError:
         return ""
     if len(hdr) < FRAME.size:
@@ -73,7 +64,7 @@ def _error_text(sock) -> str:
     assert magic == MAGIC
     if op != Op.ERROR:
         return ""
-    return _recv(sock, struct.unpack_from("<Q", hdr, 24)[0]).decode()
+    return recv_exactly(sock, struct.unpack_from("<Q", hdr, 24)[0]).decode()
 
 
 @pytest.mark.parametrize("frame,expect", [

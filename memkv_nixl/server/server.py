@@ -240,9 +240,10 @@ class Server:
         if f.op == Op.PUT and not via_cma and f.body_len != fixed + payload + CSUM.size * f.count:
             raise ProtocolError(f"PUT body of {f.body_len} bytes does not match its descriptors "
                                 f"({fixed} + {payload} payload + {CSUM.size * f.count} checksum bytes)")
-        descs = list(REQ_DESC.iter_unpack(memoryview(table)[:f.count * REQ_DESC.size]))
         base = f.count * REQ_DESC.size
-        keys = [bytes(table[base + d[2]:base + d[2] + d[3]]) for d in descs]
+        whole = bytes(table)  # slicing bytes makes each key in one step
+        descs = list(REQ_DESC.iter_unpack(whole[:base]))
+        keys = [whole[base + d[2]:base + d[2] + d[3]] for d in descs]
         store = self.store
         if f.op == Op.PUT:
             addr = native.address_of(table) + base

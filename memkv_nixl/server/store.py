@@ -423,10 +423,12 @@ class Store:
         e.live = False
 
     # ---- metadata ops ------------------------------------------------------------------------
-    def exists(self, ns_id: int, keys: list[bytes]) -> list[Status]:
+    def exists(self, ns_id: int, keys: list[bytes]) -> list[int]:
+        """Wire status per key: OK when stored, MISS when not."""
         index = self.namespaces[ns_id].index
+        ok, miss = int(Status.OK), int(Status.MISS)  # plain ints: no enum lookup per key
         with self._lock:
-            return [Status.OK if k in index else Status.MISS for k in keys]
+            return [ok if k in index else miss for k in keys]
 
     def delete(self, ns_id: int, keys: list[bytes]) -> list[Status]:
         return self._update(ns_id, keys, self._drop)
