@@ -117,6 +117,17 @@ def test_concurrent_engines_share_blocks_both_ways(env):
     _same_output(first, second)
 
 
+def test_saves_of_prompts_of_different_lengths_reuse_buffers_and_all_land(env):
+    _, eng, _ = env
+    before = eng["A"].generate(n=1, seed=0)["stats"]
+    blocks = 0
+    for n, seed in ((300, 20), (N, 21), (N, 22), (300, 23)):  # short, long, long: reused buffers
+        eng["A"].generate(n=n, seed=seed, max_tokens=1)
+        blocks += n // 128
+        after = _wait_saved(eng["A"], before.get("saved_blocks", 0) + blocks)
+    assert after.get("save_failed", 0) == before.get("save_failed", 0)
+
+
 def test_another_model_never_gets_these_blocks(env):
     _, eng, _ = env
     _, hits = _hits(eng["C"], n=N, seed=1)  # stored by A for model0 in the first test

@@ -503,11 +503,9 @@ class _WorkerSide:
         """A host buffer of at least n blocks: a spare one if it fits (fresh memory would pay a
         page fault per 4 KiB on the model's thread), else a new one."""
         with self.lock:
-            fits = [b for b in self.spare if b.shape[0] >= n]
-            if fits:
-                best = min(fits, key=lambda b: b.shape[0])
-                self.spare.remove(best)
-                return best
+            fits = [i for i, b in enumerate(self.spare) if b.shape[0] >= n]
+            if fits:  # by position: list.remove would compare tensors element by element
+                return self.spare.pop(min(fits, key=lambda i: self.spare[i].shape[0]))
         return self._host_buffer(n)
 
     def _save_loop(self) -> None:
