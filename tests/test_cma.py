@@ -1,5 +1,6 @@
 """Same-host clients through the server's unix socket: cma (the server copies blocks straight from
 and into the client's memory) where the kernel lets it, the socket stream where it does not."""
+import ctypes
 import json
 import mmap
 import os
@@ -79,6 +80,24 @@ def test_a_buffer_the_client_does_not_have_fails_only_its_key(unix_server):
         assert c.get([b"good", b"good"], [unmapped, out]) == [Status.BAD_REQUEST, Status.OK]
         assert torch.equal(out, good)
         assert c.get([b"good"], [out]) == [Status.OK]  # the block itself is untouched
+        # a large block is copied in pieces by several threads: a hole in the middle of the
+        # buffer fails that key alone too
+        big = payload(16 * MiB, 5)
+        assert c.put([b"big"], [big]) == [Status.OK]
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.mmap.restype = ctypes.c_void_p
+        libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                              ctypes.c_int, ctypes.c_long]
+        libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+        addr = libc.mmap(None, 16 * MiB, 3, 0x22, -1, 0)  # PROT_READ|WRITE, MAP_PRIVATE|ANONYMOUS
+        assert addr not in (None, ctypes.c_void_p(-1).value)
+        libc.munmap(addr + 6 * MiB, 4 * MiB)
+        try:
+            assert c.get([b"big"], [(addr, 16 * MiB)]) == [Status.BAD_REQUEST]
+        finally:
+            libc.munmap(addr, 16 * MiB)
+        out = torch.zeros(16 * MiB, dtype=torch.uint8)
+        assert c.get([b"big"], [out]) == [Status.OK] and torch.equal(out, big)
     assert "Traceback" not in unix_server.log()
 
 
