@@ -118,7 +118,8 @@ class Conn:
             cls = AuthError if self._c.last_status == lib.MEMKV_ST_AUTH_FAILED else ServerError
             raise cls(ffi.string(err).decode(errors="replace"))
         if rc < 0:
-            text = ffi.string(err).decode(errors="replace") or f"cannot connect to memkv server {host}:{port}"
+            name = f"{host}:{port}" if port else host
+            text = ffi.string(err).decode(errors="replace") or f"no answer from memkv server {name}"
             raise ConnectionFailed(f"{text}: {os.strerror(-rc)}")
         self.fd = self._c.fd
         self.cma = bool(self._c.cma)

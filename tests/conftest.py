@@ -36,9 +36,13 @@ class MemkvServer:
         self.durability = durability
         self.extra = list(extra)
         self.prefix = list(prefix)  # e.g. setpriv, to start the server with fewer privileges
-        # TCP only unless asked: tests of the TCP path must not move to cma on their own
-        self.socket_path = str(self.dir / "memkv.sock") if unix else None
-        self.extra += ["--listen-unix", self.socket_path or "off"]
+        # TCP only unless asked (unix=True: a socket beside the data; "default": the server's own
+        # choice): tests of the TCP path must not move to cma on their own
+        if unix == "default":
+            self.socket_path = str(self.data / "memkv.sock")
+        else:
+            self.socket_path = str(self.dir / "memkv.sock") if unix else None
+            self.extra += ["--listen-unix", self.socket_path or "off"]
         self.proc = None
         self.start()
 

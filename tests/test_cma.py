@@ -238,3 +238,17 @@ def test_the_secret_guards_the_unix_socket_too(memkv_server, tmp_path):
     with Client([s.endpoint], namespace="a", secret_file=str(secret)) as c:  # moves to the socket
         assert c.put([b"k"], [bytes(4096)]) == [Status.OK]
         assert counters(c)["cma_connections"] >= 1
+
+
+def test_a_server_listens_beside_its_data_by_default_and_the_cli_uses_it(memkv_server, tmp_path):
+    s = memkv_server(unix="default")
+    src = tmp_path / "in"
+    src.write_bytes(os.urandom(100_000))
+    memkv = [sys.executable, "-m", "memkv_nixl.cli"]
+    ep = ["--endpoint", s.unix_endpoint]
+    for args in (["put", "k", str(src)], ["get", "k", str(tmp_path / "out")]):
+        r = subprocess.run([*memkv, *args, *ep], cwd=ROOT, capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+    assert (tmp_path / "out").read_bytes() == src.read_bytes()
+    with Client([s.unix_endpoint], namespace="default") as c:
+        assert counters(c)["cma_connections"] >= 2

@@ -67,6 +67,9 @@ class Server:
                      self.cfg.listen_unix)
             threading.Thread(target=self._accept_loop, args=(self.unix_sock,), daemon=True,
                              name="memkv-accept-unix").start()
+        else:
+            log.info("no unix socket (--listen-unix off, or the default path is longer than a "
+                     "socket path may be): same-host clients use TCP")
         log.info("memkv serving on %s (durability %s, auth %s)", self.address, self.cfg.durability,
                  "on" if self.secret else "off")
         self._accept_loop(self.sock)
