@@ -191,6 +191,11 @@ def _peer(table):
     return ffi.NULL if table is None else ffi.cast("const uint64_t *", ffi.from_buffer(table))
 
 
+def cma_harden() -> int:
+    """Drop CAP_SYS_PTRACE from the effective set of this thread and those it starts later."""
+    return lib.memkv_cma_harden()
+
+
 def cma_probe(pid: int, addr: int, expect: int) -> int:
     """0 when this process can read `expect` at addr in process pid, else a negative errno."""
     return lib.memkv_cma_probe(pid, addr, expect)

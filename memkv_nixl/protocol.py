@@ -30,7 +30,7 @@ from typing import NamedTuple
 from .errors import ProtocolError
 
 MAGIC = 0x31564B4D  # b"MKV1" read as little-endian u32
-VERSION = 1
+VERSION = 2  # 2: cma, and the server id + unix socket after the CHALLENGE
 MAX_KEY = 128
 MAX_NAMESPACE = 128
 MAX_BATCH = 8192

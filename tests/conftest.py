@@ -42,7 +42,8 @@ class MemkvServer:
             self.socket_path = str(self.data / "memkv.sock")
         else:
             self.socket_path = str(self.dir / "memkv.sock") if unix else None
-            self.extra += ["--listen-unix", self.socket_path or "off"]
+            if "--listen-unix" not in self.extra:
+                self.extra += ["--listen-unix", self.socket_path or "off"]
         self.proc = None
         self.start()
 

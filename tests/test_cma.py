@@ -14,8 +14,8 @@ import torch
 
 from conftest import ROOT, Agent, recv_exactly
 from memkv_nixl import AuthError, Client, Status
-from memkv_nixl.protocol import (CMA_PROBE, FRAME, HELLO, HELLO_CMA, REQ_DESC, FrameFlag, Op,
-                                 auth_mac, pack_frame)
+from memkv_nixl.protocol import (CMA_PROBE, FRAME, HELLO, HELLO_CMA, REQ_DESC, VERSION, FrameFlag,
+                                 Op, auth_mac, pack_frame)
 
 KiB, MiB = 1 << 10, 1 << 20
 SIZES = [4 * KiB, 64 * KiB + 24, 1 * MiB, 5 * MiB + 4096, 16 * MiB]
@@ -143,12 +143,48 @@ def test_client_the_server_may_not_reach_falls_back_to_the_socket(memkv_server):
         assert counters(c)["cma_refused"] == 1
 
 
+TURNS_NON_DUMPABLE = r"""
+import ctypes, json, logging, sys
+logging.basicConfig(level=logging.WARNING)
+from memkv_nixl import Client
+c = Client([sys.argv[1]], namespace="d")
+data = bytes(range(256)) * 4096
+first = c.put([b"before"], [data])      # cma granted: the server copies from this process
+ctypes.CDLL(None).prctl(4, 0, 0, 0, 0)  # as a setuid exec does: no longer dumpable
+second = c.put([b"after"], [data])      # the old grant must not reach this process any more
+out = bytearray(len(data))
+got = c.get([b"after"], [out])
+print(json.dumps({"put": [first[0].name, second[0].name], "get": got[0].name,
+                  "equal": bytes(out) == data}))
+"""
+
+
+def test_a_grant_does_not_outlive_what_the_kernel_allows(unix_server):
+    # the server runs without CAP_SYS_PTRACE in effect (even as root): once the client is no longer
+    # dumpable, as after exec of a setuid program, copies fail and the client goes on over the socket
+    r = subprocess.run([sys.executable, "-c", TURNS_NON_DUMPABLE, unix_server.unix_endpoint],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout) == {"put": ["OK", "OK"], "get": "OK", "equal": True}
+    assert "copy from client: Operation not permitted" in unix_server.log()
+    with Client([unix_server.endpoint], namespace="d", same_host=False) as c:
+        assert counters(c)["cma_refused"] >= 1
+
+
+def test_listen_unix_never_replaces_a_file_that_is_not_a_socket(memkv_server, tmp_path):
+    keep = tmp_path / "precious"
+    keep.write_text("data")
+    with pytest.raises(RuntimeError, match="exists and is not a socket"):
+        memkv_server(extra=["--listen-unix", str(keep)])
+    assert keep.read_text() == "data"
+
+
 def _raw_unix_handshake(path, probe_addr, probe_value):
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.settimeout(10)
     sock.connect(path)
     ns = b"raw"
-    body = HELLO.pack(1, len(ns), HELLO_CMA) + ns + CMA_PROBE.pack(probe_addr, probe_value)
+    body = HELLO.pack(VERSION, len(ns), HELLO_CMA) + ns + CMA_PROBE.pack(probe_addr, probe_value)
     sock.sendall(pack_frame(Op.HELLO, body_len=len(body)) + body)
     hdr = recv_exactly(sock, FRAME.size)
     challenge = recv_exactly(sock, int.from_bytes(hdr[24:32], "little"))

@@ -8,7 +8,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from conftest import recv_exactly
 from memkv_nixl import AuthError, Client, Status
-from memkv_nixl.protocol import FRAME, HELLO, MAGIC, Op, auth_mac, pack_frame
+from memkv_nixl.protocol import FRAME, HELLO, MAGIC, VERSION, Op, auth_mac, pack_frame
 
 
 @pytest.fixture
@@ -44,7 +44,7 @@ def _raw(s):
 
 
 def _handshake(sock, ns=b"fuzz"):
-    sock.sendall(pack_frame(Op.HELLO, body_len=HELLO.size + len(ns)) + HELLO.pack(1, len(ns), 0) + ns)
+    sock.sendall(pack_frame(Op.HELLO, body_len=HELLO.size + len(ns)) + HELLO.pack(VERSION, len(ns), 0) + ns)
     hdr = recv_exactly(sock, FRAME.size)
     body = recv_exactly(sock, struct.unpack_from("<Q", hdr, 24)[0])
     nonce = body[32:64]  # CHALLENGE: ... nonce at 32..64, then the server id and unix path

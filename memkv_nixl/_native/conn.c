@@ -155,7 +155,7 @@ static int handshake(struct memkv_conn *c, int ask_cma, const char *name, const 
     memcpy(&c->max_block, ch + 8, 8);
     memcpy(&c->min_block, ch + 16, 8);
     memcpy(&c->max_batch, ch + 24, 4);
-    c->cma = (ch[3] & MEMKV_FEATURE_CMA) != 0;
+    c->cma = ask_cma && (ch[3] & MEMKV_FEATURE_CMA); /* only where we asked, on a unix socket */
     (void)probe; /* it had to stay alive until the server read it (before CHALLENGE) */
     memcpy(si->id, ch + 64, MEMKV_SERVER_ID_LEN);
     memcpy(si->unix_path, ch + fixed, h.body_len - fixed);
@@ -318,6 +318,12 @@ int memkv_conn_get(struct memkv_conn *c, uint32_t n, const uint8_t *keys, const 
     struct memkv_frame_hdr rep;
     int rc = memkv_client_get(c->fd, head, head_len, n, ptrs, caps, verify, c->cma, &rep, status, lens);
     free(head);
+    if (rc < 0 && c->cma) { /* the server may still be copying into our buffers: before they go
+                               back to the caller, tell it to stop and wait until it has */
+        shutdown(c->fd, SHUT_WR);
+        char sink[4096];
+        while (recv(c->fd, sink, sizeof sink, 0) > 0) {}
+    }
     return rc == 1 ? read_error_text(c, &rep, err, err_len) : rc; /* 1: an ERROR frame */
 }
 

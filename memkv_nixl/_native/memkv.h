@@ -14,7 +14,7 @@
 /* ---- wire ------------------------------------------------------------------------------- */
 #define MEMKV_WIRE_MAGIC 0x31564B4D /* "MKV1" */
 #define MEMKV_MAX_KEY 128
-#define MEMKV_WIRE_VERSION 1
+#define MEMKV_WIRE_VERSION 2 /* 2: cma, and the server id + unix path after the CHALLENGE */
 #define MEMKV_PUT_REPLACE 1 /* PUT frame flag: replace committed keys (file-shaped region mode) */
 /* PUT/GET frame flag, on connections that negotiated cma: the payloads are not in the stream; a
    table of `count` u64 caller addresses follows the keys, and the server copies with
@@ -188,6 +188,9 @@ int memkv_server_put(int sock, struct memkv_arena *a, struct memkv_io *ios, uint
    With pid != 0 (cma) each payload is copied to peer[i] in process pid; only replies are sent. */
 int memkv_server_get(int sock, struct memkv_arena *a, struct memkv_io *ios, uint32_t n, int pid,
                      const uint64_t *peer);
+/* Drop CAP_SYS_PTRACE from the effective set (before any thread starts): cma then reaches only
+   what the kernel lets the server's own user reach. */
+int memkv_cma_harden(void);
 /* cma handshake: 0 when the 8 bytes at addr in process pid hold `expect`, else a negative errno
    (-EACCES: they differ). */
 int memkv_cma_probe(int pid, uint64_t addr, uint64_t expect);

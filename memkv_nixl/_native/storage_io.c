@@ -8,7 +8,10 @@
 #include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
+#include <linux/capability.h>
+#include <poll.h>
 #include <sys/socket.h>
+#include <sys/syscall.h>
 #include <sys/uio.h>
 #include <time.h>
 #include <unistd.h>
@@ -55,6 +58,27 @@ static int cma_copy(int pid, int write, void *local, uint64_t remote, uint64_t l
     return 0;
 }
 
+/* The server never needs CAP_SYS_PTRACE in effect. Without it, the kernel lets process_vm_* reach
+   only processes of the server's own user that are dumpable and hold no capability the server
+   lacks: a cma client that execs a setuid program (which makes it non-dumpable) or whose pid is
+   reused by another user's process can no longer be reached, even by a server run as root.
+   Called before any thread exists, so every thread inherits it. */
+int memkv_cma_harden(void) {
+    struct __user_cap_header_struct h = {_LINUX_CAPABILITY_VERSION_3, 0};
+    struct __user_cap_data_struct d[_LINUX_CAPABILITY_U32S_3];
+    if (syscall(SYS_capget, &h, d)) return -errno;
+    if (!(d[CAP_TO_INDEX(CAP_SYS_PTRACE)].effective & CAP_TO_MASK(CAP_SYS_PTRACE))) return 0;
+    d[CAP_TO_INDEX(CAP_SYS_PTRACE)].effective &= ~CAP_TO_MASK(CAP_SYS_PTRACE);
+    return syscall(SYS_capset, &h, d) ? -errno : 0;
+}
+
+/* cma: has the client hung up (closed or shut down its side)? Its buffers may then be reused, so
+   nothing more may be copied from or into them, and nothing copied may be committed. */
+static int client_gone(int sock) {
+    struct pollfd p = {sock, POLLRDHUP, 0};
+    return poll(&p, 1, 0) > 0 && (p.revents & (POLLRDHUP | POLLHUP | POLLERR));
+}
+
 int memkv_cma_probe(int pid, uint64_t addr, uint64_t expect) {
     uint64_t v = 0;
     int rc = cma_copy(pid, 0, &v, addr, sizeof v);
@@ -68,7 +92,8 @@ struct source {
 };
 
 static int take(const struct source *src, char *dst, uint64_t at, uint64_t len) {
-    return src->pid ? cma_copy(src->pid, 0, dst, src->remote + at, len) : memkv_recv_all(src->sock, dst, len);
+    if (!src->pid) return memkv_recv_all(src->sock, dst, len);
+    return client_gone(src->sock) ? -ECONNRESET : cma_copy(src->pid, 0, dst, src->remote + at, len);
 }
 
 /* ---- I/O pool ------------------------------------------------------------------------------- */
@@ -468,8 +493,10 @@ int memkv_server_put(int sock, struct memkv_arena *a, struct memkv_io *ios, uint
         fatal = put_record(&src, &b, sj, (char *)a->mem + (size_t)s * slot, piece, io);
     }
     /* the client's checksums follow the payloads: it hashes each block right after sending it.
-       With cma there is no wire to protect: the server hashes what it copied, as it copies. */
+       With cma there is no wire to protect: the server hashes what it copied, as it copies; and
+       a client still connected after the last copy held its buffers through all of them. */
     if (!fatal && !pid) fatal = memkv_recv_all(sock, trailer, sizeof(uint64_t) * n);
+    if (!fatal && pid && client_gone(sock)) fatal = -ECONNRESET;
     for (size_t k = 0; k < (size_t)nslots * per; k++) wait_job(&b, &jobs[k]);
     for (uint32_t i = 0; i < n; i++) {
         struct memkv_io *io = &ios[i];
@@ -559,7 +586,8 @@ int memkv_server_get(int sock, struct memkv_arena *a, struct memkv_io *ios, uint
             cnt = 2;
         }
         if (pid && cnt == 2) { /* cma: the payload goes straight into the client's buffer */
-            fatal = cma_push_split(a, &b, pid, iov[1].iov_base, peer[i], io->len);
+            if (io->len > io->cap) fatal = -EFAULT; /* the index checked it; never overrun */
+            else fatal = client_gone(sock) ? -ECONNRESET : cma_push_split(a, &b, pid, iov[1].iov_base, peer[i], io->len);
             if (fatal == -EFAULT) {
                 fatal = 0;
                 io->result = MEMKV_RES_FAULT;

@@ -14,8 +14,10 @@ import logging
 import os
 import signal
 import socket
+import stat
 import struct
 import threading
+from array import array
 
 from .. import native
 from ..errors import ConfigError, MemkvError, ProtocolError
@@ -40,6 +42,12 @@ class Server:
     def __init__(self, cfg: ServerConfig):
         self.cfg = cfg
         self.secret = cfg.secret()
+        # before any thread starts: cma must reach only what the server's own user may reach
+        rc = native.cma_harden()
+        self.cma_allowed = rc == 0
+        if rc:
+            log.warning("cannot drop CAP_SYS_PTRACE (%s): same-host copies (cma) are off",
+                        os.strerror(-rc))
         native.io_start(cfg.io_threads)
         self.store = Store(cfg.data_files(), cfg.meta_dir, cfg.capacity,
                            sync=cfg.durability == "sync", min_block=cfg.min_block,
@@ -180,9 +188,18 @@ class Server:
         if ns_len != f.body_len - HELLO.size - probe or not ns_raw:
             raise ProtocolError(f"HELLO namespace length {ns_len} does not match its frame")
         cma = None
-        if probe and pid:
+        if probe and pid and self.cma_allowed:
             cma = _CmaPeer.probe(pid, *CMA_PROBE.unpack_from(body, HELLO.size + ns_len), peer)
             self.store.counters["cma_connections" if cma else "cma_refused"] += 1
+        try:
+            return self._authenticate(fd, peer, ns_raw, cma), cma
+        except BaseException:
+            if cma is not None:
+                cma.close()  # its pidfd: a failed handshake must not leak descriptors
+            raise
+
+    def _authenticate(self, fd: int, peer: str, ns_raw: bytes, cma) -> int:
+        """CHALLENGE -> AUTH -> reply; returns the namespace id."""
         try:
             ns = ns_raw.decode()
         except UnicodeDecodeError:
@@ -203,7 +220,7 @@ class Server:
             self._refuse(fd, Status.AUTH_FAILED, f"authentication failed at {self.address}: the "
                          "shared secret does not match the server's --secret-file")
         native.send_all(fd, pack_frame(Op.AUTH))
-        return self.store.namespace(ns), cma
+        return self.store.namespace(ns)
 
     def _serve_request(self, fd: int, ns_id: int, arena, f, peer: str, cma) -> None:
         if f.op == Op.STATS:
@@ -238,7 +255,7 @@ class Server:
                                 f"descriptors and {f.keys_len} key bytes")
         table = native.recv_exact(fd, fixed)
         payload = native.check_descs(table, f.count, f.keys_len, lo, hi)
-        peer_addrs = memoryview(table)[addrs:] if via_cma else None
+        peer_addrs = array("Q", bytes(table[addrs:])) if via_cma else None  # aligned for C
         cma_pid = cma.pid if via_cma else 0
         if f.op == Op.PUT and not via_cma and f.body_len != fixed + payload + CSUM.size * f.count:
             raise ProtocolError(f"PUT body of {f.body_len} bytes does not match its descriptors "
@@ -313,6 +330,9 @@ class _CmaPeer:
         except ProcessLookupError:
             raise ProtocolError(f"cma client process {self.pid} has exited; its connection is "
                                 "held by another process, which must connect itself") from None
+        except PermissionError:
+            raise ProtocolError(f"cma client process {self.pid} changed its credentials; "
+                                "connect again") from None
 
     def close(self) -> None:
         os.close(self.pidfd)
@@ -320,6 +340,8 @@ class _CmaPeer:
 
 def _unix_listener(path: str) -> socket.socket:
     """Bind a unix socket at path, replacing a stale socket file left by a killed server."""
+    if os.path.lexists(path) and not stat.S_ISSOCK(os.lstat(path).st_mode):
+        raise ConfigError(f"--listen-unix {path}: exists and is not a socket; choose another path")
     if os.path.exists(path):
         probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:

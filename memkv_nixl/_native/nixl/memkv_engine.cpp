@@ -106,9 +106,10 @@ struct Job {
     std::vector<uint64_t> ptrs, lens;
     std::atomic<int> status{NIXL_ERR_NOT_POSTED};
     std::atomic<bool> abandoned{false};
-    std::mutex mu;                 // guards active_fd and running
+    std::mutex mu;                 // guards active_fd, active_cma and running
     std::condition_variable cv;
     int active_fd = -1;
+    bool active_cma = false;       // the server copies into caller memory itself (same host)
     bool running = false;
 };
 
@@ -280,10 +281,12 @@ public:
         auto job = req->job;
         {
             // in flight: abort its socket so the worker stops touching caller memory promptly,
-            // then wait for it to let go (a socket shutdown returns blocked calls at once)
+            // then wait for it to let go (a socket shutdown returns blocked calls at once). With
+            // cma the server writes caller memory itself: only our sending side is shut, which
+            // stops it before its next copy, and the worker reads on until the server has closed
             std::unique_lock<std::mutex> g(job->mu);
             job->abandoned = true;
-            if (job->active_fd >= 0) ::shutdown(job->active_fd, SHUT_RDWR);
+            if (job->active_fd >= 0) ::shutdown(job->active_fd, job->active_cma ? SHUT_WR : SHUT_RDWR);
             job->cv.wait(g, [&] { return !job->running || job->active_fd < 0; });
         }
         delete req;
@@ -542,6 +545,7 @@ private:
                     return NIXL_ERR_CANCELED;
                 }
                 job.active_fd = c.fd;
+                job.active_cma = c.cma;
             }
             bool healthy = true;
             const auto &idx = groups[s];
