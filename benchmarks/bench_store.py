@@ -103,8 +103,7 @@ def disk_gbps(path: str, block: int, total: int, write: bool) -> float:
 # ---- memkv server ---------------------------------------------------------------------------------
 def start_server(workdir: str, capacity: int, durability: str, ram_cache: str) -> LocalServer:
     srv = LocalServer(os.path.join(workdir, "data"), "--capacity", str(capacity),
-                      "--durability", durability, "--ram-cache", ram_cache,
-                      "--listen-unix", os.path.join(workdir, "memkv.sock"))
+                      "--durability", durability, "--ram-cache", ram_cache)
     srv.start()
     return srv
 
@@ -297,12 +296,11 @@ def main(argv=None) -> None:
     srv = start_server(workdir, capacity, a.durability, "0")
     hot = start_server(os.path.join(workdir, "hot"), capacity, a.durability, a.ram_cache or "1GiB")
     try:
-        unix = [f"memkv+unix://{os.path.join(w, 'memkv.sock')}" for w in (workdir, os.path.join(workdir, "hot"))]
         # same_host=False: the tcp lines must not move to the unix socket on their own
         with Client(srv.endpoint, namespace="bench", same_host=False) as client, \
                 Client(hot.endpoint, namespace="bench", same_host=False) as cached, \
-                Client(unix[0], namespace="bench") as client_cma, \
-                Client(unix[1], namespace="bench") as cached_cma:
+                Client(srv.unix_endpoint, namespace="bench") as client_cma, \
+                Client(hot.unix_endpoint, namespace="bench") as cached_cma:
             transports = {"tcp": (client, cached), "cma": (client_cma, cached_cma)}
             wait_ram_cache(cached)
             for block in sizes:

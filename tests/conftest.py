@@ -38,12 +38,9 @@ class MemkvServer:
         self.prefix = list(prefix)  # e.g. setpriv, to start the server with fewer privileges
         # TCP only unless asked (unix=True: a socket beside the data; "default": the server's own
         # choice): tests of the TCP path must not move to cma on their own
-        if unix == "default":
-            self.socket_path = str(self.data / "memkv.sock")
-        else:
-            self.socket_path = str(self.dir / "memkv.sock") if unix else None
-            if "--listen-unix" not in self.extra:
-                self.extra += ["--listen-unix", self.socket_path or "off"]
+        if unix != "default" and "--listen-unix" not in self.extra:
+            self.extra += ["--listen-unix", str(self.dir / "memkv.sock") if unix else "off"]
+        self.socket_path = None  # read from the server's log
         self.proc = None
         self.start()
 
@@ -74,6 +71,8 @@ class MemkvServer:
             text = self.log_path.read_bytes()[start_at:].decode(errors="replace")
             if "memkv serving on" in text:
                 self.port = int(text.split("memkv serving on ")[1].split()[0].rsplit(":", 1)[1])
+                if "memkv also listening on memkv+unix://" in text:
+                    self.socket_path = text.split("memkv also listening on memkv+unix://")[1].split()[0]
                 return
             if self.proc.poll() is not None:
                 break

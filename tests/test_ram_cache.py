@@ -15,20 +15,26 @@ def _stats(s, c):
     return c.stats()[s.address]
 
 
-def _ready(s, c):
-    """The cache serves once its memory is faulted in (a background thread at start)."""
+def _cached_server(memkv_server, size: str):
+    """A server whose DRAM cache is serving: its memory is faulted in by a thread at start."""
+    s = memkv_server(extra=["--ram-cache", size])
     end = time.time() + 30
-    while not _stats(s, c)["ram_cache"]["ready"]:
-        assert time.time() < end, "DRAM cache never became ready"
-        time.sleep(0.02)
+    with s.client() as c:
+        while not _stats(s, c)["ram_cache"]["ready"]:
+            assert time.time() < end, "DRAM cache never became ready"
+            time.sleep(0.02)
+    return s
+
+
+def _blocks(prefix: str, n: int):
+    keys = [f"{prefix}/{i}".encode() for i in range(n)]
+    return keys, [os.urandom(1 << 20) for _ in keys]
 
 
 def test_fresh_and_read_blocks_come_from_memory_byte_exact(memkv_server):
-    s = memkv_server(extra=["--ram-cache", "64MiB"])
-    keys = [f"hot/{i}".encode() for i in range(4)]
-    data = [os.urandom(1 << 20) for _ in keys]
+    s = _cached_server(memkv_server, "64MiB")
+    keys, data = _blocks("hot", 4)
     with s.client() as c:
-        _ready(s, c)
         c.put(keys, data)  # copied into the cache as they arrive
         assert _get(c, keys, 1 << 20) == ([Status.OK] * 4, data)
         assert _get(c, keys, 1 << 20) == ([Status.OK] * 4, data)
@@ -39,9 +45,8 @@ def test_fresh_and_read_blocks_come_from_memory_byte_exact(memkv_server):
 
 
 def test_deleted_or_replaced_blocks_are_never_served_from_memory(memkv_server):
-    s = memkv_server(extra=["--ram-cache", "64MiB"])
+    s = _cached_server(memkv_server, "64MiB")
     with s.client() as c:
-        _ready(s, c)
         c.put([b"k", b"gone"], [b"1" * 8192, b"2" * 8192])
         _get(c, [b"k", b"gone"], 8192)  # both cached now
         assert c.delete([b"gone"]) == [Status.OK]
@@ -51,11 +56,9 @@ def test_deleted_or_replaced_blocks_are_never_served_from_memory(memkv_server):
 
 
 def test_cache_stays_within_its_size_oldest_out_first(memkv_server):
-    s = memkv_server(extra=["--ram-cache", "3MiB"])
-    keys = [f"fifo/{i}".encode() for i in range(5)]
-    data = [os.urandom(1 << 20) for _ in keys]
+    s = _cached_server(memkv_server, "3MiB")
+    keys, data = _blocks("fifo", 5)
     with s.client() as c:
-        _ready(s, c)
         for k, d in zip(keys, data):  # one at a time: each fresh block takes the oldest's place
             c.put([k], [d])
         cache = _stats(s, c)["ram_cache"]
@@ -67,11 +70,9 @@ def test_cache_stays_within_its_size_oldest_out_first(memkv_server):
 
 
 def test_blocks_evicted_from_the_cache_are_cached_again_when_read(memkv_server):
-    s = memkv_server(extra=["--ram-cache", "2MiB"])
-    keys = [f"back/{i}".encode() for i in range(3)]
-    data = [os.urandom(1 << 20) for _ in keys]
+    s = _cached_server(memkv_server, "2MiB")
+    keys, data = _blocks("back", 3)
     with s.client() as c:
-        _ready(s, c)
         for k, d in zip(keys, data):
             c.put([k], [d])  # the cache ends with blocks 1 and 2
         assert _get(c, keys[:1], 1 << 20) == ([Status.OK], data[:1])  # disk; replaces block 1

@@ -475,8 +475,8 @@ int memkv_server_put(int sock, struct memkv_arena *a, struct memkv_io *ios, uint
     uint64_t slot = pl.slot, piece = pl.piece;
     uint32_t nslots = pl.nslots, per = pl.per;
     struct job *jobs = pl.jobs;
-    uint64_t *trailer = malloc(sizeof(uint64_t) * (n ? n : 1));
-    if (!trailer) return -ENOMEM;
+    uint64_t *trailer = pid ? NULL : malloc(sizeof(uint64_t) * (n ? n : 1)); /* cma: none */
+    if (!pid && !trailer) return -ENOMEM;
     struct batch b = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER};
     uint32_t next = 0;
     int fatal = 0;

@@ -25,10 +25,14 @@ class LocalServer:
         while time.monotonic() < deadline:
             with open(self.log_path) as f:
                 f.seek(start)
-                m = re.search(r"memkv serving on (\S+)", f.read())
+                text = f.read()
+            m = re.search(r"memkv serving on (\S+)", text)
             if m:
                 self.address = m.group(1)
                 self.endpoint = "memkv://" + self.address
+                # its unix socket, where it has one (same-host clients: cma)
+                u = re.search(r"memkv also listening on (memkv\+unix://\S+)", text)
+                self.unix_endpoint = u.group(1) if u else None
                 return time.monotonic() - t0
             if self.proc.poll() is not None:
                 break
