@@ -130,12 +130,23 @@ def write_all(client: Client, keys, src, per_call: int) -> float:
     return len(keys) * len(src[0]) / (time.perf_counter() - t0) / GB
 
 
+def write_behind(client: Client, keys, src, per_call: int) -> tuple[float, float]:
+    """Puts into an async server: GB/s as acknowledged (from its DRAM cache), and GB/s until the
+    last of them is on disk (the server reports no write-behind block left)."""
+    t0 = time.perf_counter()
+    acked = write_all(client, keys, src, per_call)
+    while any(st["write_behind"]["blocks"] for st in client.stats().values()):
+        time.sleep(0.005)
+    return acked, len(keys) * len(src[0]) / (time.perf_counter() - t0) / GB
+
+
 def bench_memkv(transports: dict, block: int, total: int, repeat: int, tag: str, disk_path: str):
     """Put/get GB/s per transport, each set against its ceiling measured right before it (this
     machine drifts by tens of percent within minutes); medians of the per-repeat ratios are
-    returned. transports: name -> (client of the server without a DRAM cache: put,
-    then get from disk; client of the server with one: the same blocks put, then read from memory).
-    A transport's wire ceiling is the raw socket for tcp and memcpy for cma."""
+    returned. transports: name -> (client of the server without a DRAM cache: put, then get from
+    disk; client of the server with one: the same blocks put, then read from memory; client of
+    the async server: the same blocks put, written behind). A transport's wire ceiling is the raw
+    socket for tcp and memcpy for cma."""
     n = max(4, total // block)
     per_call = max(1, (64 << 20) // block)  # ~64 MiB per batched call
     src = [aligned(block) for _ in range(min(n, 8))]
@@ -145,7 +156,7 @@ def bench_memkv(transports: dict, block: int, total: int, repeat: int, tag: str,
     rows = []
     for r in range(repeat):
         row = {}
-        for tr, (client, cached) in transports.items():
+        for tr, (client, cached, behind) in transports.items():
             # each figure is set against its ceiling measured just before it: this machine's
             # disk and loopback drift by 2x within minutes
             keys = [f"{tag}/{tr}/{block}/{r}/{i}".encode() for i in range(n)]
@@ -157,15 +168,18 @@ def bench_memkv(transports: dict, block: int, total: int, repeat: int, tag: str,
             wire = (raw_socket_gbps if tr == "tcp" else memcpy_gbps)(block, total)
             put_cached = write_all(cached, keys, src, per_call)
             get_ram = read_all(cached, keys, bufs, per_call)
+            put_wb, on_disk = write_behind(behind, keys, src, per_call)
             row.update({f"{tr}_wire": wire, f"{tr}_dw": dw, f"{tr}_dr": dr,
                         f"{tr}_put": put, f"{tr}_get": get_disk, f"{tr}_get_ram": get_ram,
+                        f"{tr}_put_wb": put_wb, f"{tr}_put_wb_ratio": put_wb / wire,
+                        f"{tr}_on_disk": on_disk, f"{tr}_on_disk_ratio": on_disk / dw,
                         f"{tr}_put_ratio": put / min(wire, dw),
                         f"{tr}_put_cached_ratio": put_cached / min(wire, dw),
                         f"{tr}_get_ratio": get_disk / min(wire, dr),
                         f"{tr}_get_ram_ratio": get_ram / wire})
         rows.append(row)
     med = {k: statistics.median(row[k] for row in rows) for k in rows[0]}
-    for tr, (client, _) in transports.items():  # latency of single-block calls
+    for tr, (client, *_) in transports.items():  # latency of single-block calls
         lat_put, lat_get = [], []
         keys = [f"{tag}/{tr}/lat/{block}/{i}".encode() for i in range(min(64, max(8, (256 << 20) // block)))]
         for i, k in enumerate(keys):
@@ -295,14 +309,18 @@ def main(argv=None) -> None:
     capacity = max(2 * total * a.repeat + (1 << 30), 4 << 30)
     srv = start_server(workdir, capacity, a.durability, "0")
     hot = start_server(os.path.join(workdir, "hot"), capacity, a.durability, a.ram_cache or "1GiB")
+    wb = start_server(os.path.join(workdir, "behind"), capacity, "async", a.ram_cache or "1GiB")
     try:
         # same_host=False: the tcp lines must not move to the unix socket on their own
         with Client(srv.endpoint, namespace="bench", same_host=False) as client, \
                 Client(hot.endpoint, namespace="bench", same_host=False) as cached, \
+                Client(wb.endpoint, namespace="bench", same_host=False) as behind, \
                 Client(srv.unix_endpoint, namespace="bench") as client_cma, \
-                Client(hot.unix_endpoint, namespace="bench") as cached_cma:
-            transports = {"tcp": (client, cached), "cma": (client_cma, cached_cma)}
+                Client(hot.unix_endpoint, namespace="bench") as cached_cma, \
+                Client(wb.unix_endpoint, namespace="bench") as behind_cma:
+            transports = {"tcp": (client, cached, behind), "cma": (client_cma, cached_cma, behind_cma)}
             wait_ram_cache(cached)
+            wait_ram_cache(behind)
             for block in sizes:
                 m = bench_memkv(transports, block, total, a.repeat, "b",
                                 os.path.join(workdir, "odirect.bin"))
@@ -329,17 +347,24 @@ def main(argv=None) -> None:
                     line_ram = (f"get {name:>6} {tr} hot (DRAM cache): {m[t + 'get_ram']:.2f} GB/s = "
                                 f"{m[t + 'get_ram_ratio']:.2f} x {wire} [read after put; that put, filling "
                                 f"the cache: {m[t + 'put_cached_ratio']:.2f} x min({wire}, O_DIRECT write)]")
+                    line_wb = (f"put {name:>6} {tr} async: {m[t + 'put_wb']:.2f} GB/s acked = "
+                               f"{m[t + 'put_wb_ratio']:.2f} x {wire} [written behind from the DRAM "
+                               f"cache]; all on disk at {m[t + 'on_disk']:.2f} GB/s = "
+                               f"{m[t + 'on_disk_ratio']:.2f} x O_DIRECT write")
                     for pname, (pput, pget) in peer_res.items():
                         line_put += f"; {m[t + 'put'] / pput:.2f} x {pname} ({pput:.2f} GB/s)"
                         line_get += f"; {m[t + 'get'] / pget:.2f} x {pname}"
                         line_ram += f"; {m[t + 'get_ram'] / pget:.2f} x {pname} ({pget:.2f} GB/s, from RAM)"
+                        line_wb += f"; acked {m[t + 'put_wb'] / pput:.2f} x {pname} (in RAM only)"
                     print(line_put)
+                    print(line_wb)
                     print(line_get)
                     print(line_ram, flush=True)
             p50, p99 = bench_exists(client)
             print(f"exists 256 keys: p50 {p50:.3f} ms, p99 {p99:.3f} ms (target p50 <= 1 ms)")
         srv.stop()
         hot.stop()
+        wb.stop()
         if a.startup_blocks:
             s = bench_startup(workdir, a.startup_blocks)
             print(f"startup after kill -9: {a.startup_blocks} blocks indexed in {s:.2f} s "
@@ -347,6 +372,7 @@ def main(argv=None) -> None:
     finally:
         srv.stop()
         hot.stop()
+        wb.stop()
         shutil.rmtree(workdir, ignore_errors=True)
 
 

@@ -94,14 +94,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also listen on this unix socket (default: memkv.sock in the meta dir; "
                         "'off': none): clients on this host get same-host copies (cma) there")
     s.add_argument("--durability", choices=["sync", "async"],
-                   help="sync: acknowledged puts survive a crash (default); async: faster, may "
-                        "lose the newest puts on a crash, never corrupts")
+                   help="sync: acknowledged puts survive a crash (default); async: puts are "
+                        "acknowledged from the DRAM cache and written behind, the newest may be "
+                        "lost on a crash, nothing is ever served corrupt")
     s.add_argument("--secret-file", help="require clients to prove they hold this secret")
     s.add_argument("--min-block", help="smallest block accepted (default 4KiB)")
     s.add_argument("--max-block", help="largest block accepted (default 64MiB)")
     s.add_argument("--meta-dir", help="where the journal and checkpoint live (default: first --data)")
     s.add_argument("--io-threads", type=int, help="O_DIRECT I/O threads (default 4)")
-    s.add_argument("--ram-cache", help="DRAM read cache for hot blocks, e.g. 4GiB (default 1GiB; 0: off)")
+    s.add_argument("--ram-cache", help="DRAM cache for hot blocks (and, with async durability, the "
+                   "write-behind buffer), e.g. 4GiB (default 1GiB; 0: off)")
     s.set_defaults(func=_serve)
 
     p = sub.add_parser("put", help="store a file's bytes under a key")

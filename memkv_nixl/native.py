@@ -27,9 +27,9 @@ IO = struct.Struct("<iIQQQQQQHBBB3xQQ")
 IO_ACTION_AT = 58
 IO_STATUS_AT = 59
 IO_RESULT_AT = 60
-ACT_STORE, ACT_DRAIN, ACT_LOAD, ACT_REPLY, ACT_RAM = (
+ACT_STORE, ACT_DRAIN, ACT_LOAD, ACT_REPLY, ACT_RAM, ACT_BEHIND = (
     lib.MEMKV_ACT_STORE, lib.MEMKV_ACT_DRAIN, lib.MEMKV_ACT_LOAD, lib.MEMKV_ACT_REPLY,
-    lib.MEMKV_ACT_RAM)
+    lib.MEMKV_ACT_RAM, lib.MEMKV_ACT_BEHIND)
 RES_OK, RES_BAD_CSUM, RES_IO, RES_STALE, RES_CORRUPT, RES_PRESET, RES_FAULT = (
     lib.MEMKV_RES_OK, lib.MEMKV_RES_BAD_CSUM, lib.MEMKV_RES_IO, lib.MEMKV_RES_STALE,
     lib.MEMKV_RES_CORRUPT, lib.MEMKV_RES_PRESET, lib.MEMKV_RES_FAULT)
@@ -177,14 +177,34 @@ class Arena:
         if self._ptr == ffi.NULL:
             raise MemoryError("memkv arena")
 
-    def server_put(self, sock_fd: int, ios: bytearray, n: int, cma_pid: int = 0, peer=None) -> None:
-        """peer: with cma, the client's buffer addresses (n little-endian u64) in process cma_pid."""
+    def server_put(self, sock_fd: int, ios: bytearray, n: int, cma_pid: int = 0, peer=None,
+                   behind: "WriteBehind | None" = None) -> None:
+        """peer: with cma, the client's buffer addresses (n little-endian u64) in process cma_pid.
+        behind: where BEHIND records report once written (async durability)."""
         _check(lib.memkv_server_put(sock_fd, self._ptr, ffi.from_buffer("struct memkv_io[]", ios), n,
-                                    cma_pid, _peer(peer)), "copy from client" if cma_pid else "receive")
+                                    cma_pid, _peer(peer), behind._ptr if behind else ffi.NULL),
+               "copy from client" if cma_pid else "receive")
 
     def server_get(self, sock_fd: int, ios: bytearray, n: int, cma_pid: int = 0, peer=None) -> None:
         _check(lib.memkv_server_get(sock_fd, self._ptr, ffi.from_buffer("struct memkv_io[]", ios), n,
                                     cma_pid, _peer(peer)), "copy to client" if cma_pid else "send")
+
+
+class WriteBehind:
+    """One store's queue of write-behind records that reached the disk (or failed to)."""
+
+    def __init__(self):
+        self._ptr = ffi.gc(lib.memkv_behind_new(), lib.memkv_behind_free)
+        if self._ptr == ffi.NULL:
+            raise MemoryError("memkv write-behind queue")
+        self._seqs = ffi.new("uint64_t[]", 256)
+        self._errs = ffi.new("int32_t[]", 256)
+
+    def wait(self, timeout_s: float) -> list[tuple[int, int]]:
+        """Finished records as (seq, 0 or a negative errno); [] after timeout_s without any.
+        One thread calls this."""
+        n = lib.memkv_behind_wait(self._ptr, self._seqs, self._errs, 256, int(timeout_s * 1000))
+        return [(self._seqs[i], self._errs[i]) for i in range(n)]
 
 
 def _peer(table):

@@ -8,6 +8,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -89,9 +90,7 @@ def test_a_buffer_the_client_does_not_have_fails_only_its_key(unix_server):
         libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
                               ctypes.c_int, ctypes.c_long]
         libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-        addr = libc.mmap(None, 16 * MiB, 3, 0x22, -1, 0)  # PROT_READ|WRITE, MAP_PRIVATE|ANONYMOUS
-        assert addr not in (None, ctypes.c_void_p(-1).value)
-        libc.munmap(addr + 6 * MiB, 4 * MiB)
+        addr = _holey_buffer(libc, 16 * MiB, 6 * MiB, 4 * MiB)
         try:
             assert c.get([b"big"], [(addr, 16 * MiB)]) == [Status.BAD_REQUEST]
         finally:
@@ -99,6 +98,48 @@ def test_a_buffer_the_client_does_not_have_fails_only_its_key(unix_server):
         out = torch.zeros(16 * MiB, dtype=torch.uint8)
         assert c.get([b"big"], [out]) == [Status.OK] and torch.equal(out, big)
     assert "Traceback" not in unix_server.log()
+
+
+def _holey_buffer(libc, size, hole_at, hole_len):
+    """An anonymous mapping of size bytes with [hole_at, hole_at + hole_len) unmapped."""
+    addr = libc.mmap(None, size, 3, 0x22, -1, 0)  # PROT_READ|WRITE, MAP_PRIVATE|ANONYMOUS
+    assert addr not in (None, ctypes.c_void_p(-1).value)
+    libc.munmap(addr + hole_at, hole_len)
+    return addr
+
+
+@pytest.mark.parametrize("durability", ["sync", "async"])
+def test_a_hole_in_a_large_put_source_fails_only_its_key(memkv_server, durability):
+    """Large puts are pulled from the client in pieces by several threads (async: the next
+    block's pieces while this one is hashed): a hole in one source fails that key alone."""
+    s = memkv_server(unix=True, durability=durability, extra=["--ram-cache", "128MiB"])
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                          ctypes.c_int, ctypes.c_long]
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    a, b = payload(16 * MiB, 7), payload(16 * MiB, 8)
+    with Client([s.unix_endpoint], namespace="h") as c:
+        while not next(iter(c.stats().values()))["ram_cache"]["ready"]:
+            time.sleep(0.05)  # write-behind starts once the cache is faulted in
+        addr = _holey_buffer(libc, 16 * MiB, 9 * MiB, 2 * MiB)
+        try:
+            st = c.put([b"a", b"holey", b"b"], [a, (addr, 16 * MiB), b])
+        finally:
+            libc.munmap(addr, 16 * MiB)
+        assert st == [Status.OK, Status.BAD_REQUEST, Status.OK]
+        assert c.exists([b"a", b"holey", b"b"]) == [True, False, True]
+        out = [torch.zeros(16 * MiB, dtype=torch.uint8) for _ in range(2)]
+        assert c.get([b"a", b"b"], out) == [Status.OK] * 2
+        assert torch.equal(out[0], a) and torch.equal(out[1], b)
+        if durability == "async":
+            assert counters(c)["put_written_behind"] == 3
+    s.restart()
+    with Client([s.unix_endpoint], namespace="h") as c:
+        out = [torch.zeros(16 * MiB, dtype=torch.uint8) for _ in range(3)]
+        assert c.get([b"a", b"holey", b"b"], out) == [Status.OK, Status.MISS, Status.OK]
+        assert torch.equal(out[0], a) and torch.equal(out[2], b)
+    assert "Traceback" not in s.log()
 
 
 def test_corrupt_record_read_through_cma_is_a_miss(memkv_server):

@@ -103,6 +103,8 @@ enum memkv_action {
     MEMKV_ACT_LOAD = 2,  /* GET: read the record, verify it, send it */
     MEMKV_ACT_REPLY = 3, /* GET: send only the preset status */
     MEMKV_ACT_RAM = 4,   /* GET: send the payload from the DRAM cache (io->ram, verified when cached) */
+    MEMKV_ACT_BEHIND = 5, /* PUT (async durability): assemble the record in the DRAM cache slot at
+                             io->fill and write it from there in the background (write-behind) */
 };
 
 /* Per-descriptor result codes the server's Python side acts on (not sent on the wire). */
@@ -132,10 +134,12 @@ struct memkv_io {
     uint8_t result;      /* out: enum memkv_result */
     uint8_t reserved[3];
     uint64_t ram;        /* ACT_RAM: address of the cached payload */
-    uint64_t fill;       /* LOAD/STORE: where to copy the payload for the DRAM cache, or 0 */
+    uint64_t fill;       /* LOAD/STORE: where to copy the payload for the DRAM cache, or 0;
+                            BEHIND: the 4 KiB aligned cache slot that holds the whole record */
 };
 
 struct memkv_arena; /* per-connection pool of aligned staging buffers, reused across requests */
+struct memkv_behind; /* one store's queue of finished write-behind records */
 
 /* ---- entry points (return 0 or a negative errno unless stated) ------------------------------ */
 /* Version of the C sources, compared with the package version at import (stale builds fail). */
@@ -181,9 +185,18 @@ struct memkv_arena *memkv_arena_new(uint64_t budget);
 void memkv_arena_free(struct memkv_arena *a);
 /* Server PUT: receive the payloads of ios[0..n) and write STORE records to disk, overlapping
    network and disk. Per-descriptor outcome in ios[i].status/result. With pid != 0 (cma) the
-   payloads are copied from addresses peer[i] in process pid instead of the socket. */
+   payloads are copied from addresses peer[i] in process pid instead of the socket.
+   BEHIND records are only started: their writes finish later and are reported, one per record,
+   by memkv_behind_wait on q. A BEHIND io whose result is still PRESET on return (its buffers
+   could not be allocated) was not started and is never reported. */
 int memkv_server_put(int sock, struct memkv_arena *a, struct memkv_io *ios, uint32_t n, int pid,
-                     const uint64_t *peer);
+                     const uint64_t *peer, struct memkv_behind *q);
+struct memkv_behind *memkv_behind_new(void);
+void memkv_behind_free(struct memkv_behind *q); /* only once every started record was reported */
+/* Wait up to timeout_ms for finished write-behind records: up to max (seq, 0 or negative errno)
+   pairs into seqs/errs; returns how many. */
+uint32_t memkv_behind_wait(struct memkv_behind *q, uint64_t *seqs, int32_t *errs, uint32_t max,
+                           int timeout_ms);
 /* Server GET: read LOAD records ahead, verify header and checksum, stream replies to sock.
    With pid != 0 (cma) each payload is copied to peer[i] in process pid; only replies are sent. */
 int memkv_server_get(int sock, struct memkv_arena *a, struct memkv_io *ios, uint32_t n, int pid,

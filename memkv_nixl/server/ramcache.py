@@ -9,6 +9,10 @@ of the head make room, first in, first out. The mapping is faulted in once by a 
 at start: on these VMs first-touch page faults run at ~0.6 GB/s, slower than the network, while
 copying into touched memory runs at several GB/s. A block that is being sent from the cache, or
 copied into it, is never overwritten: when one is in the way the new block is simply not cached.
+With async durability the cache is also the write-behind buffer: a put's whole record (header,
+payload, padding; 4 KiB aligned for O_DIRECT) is assembled in a slot and written to disk from
+there after the put was acknowledged; the slot stays busy until the write is done. When busy
+slots fill the ring, puts are written before their reply again: the disk sets the pace.
 The store calls all of this under its lock.
 """
 import collections
@@ -17,16 +21,18 @@ import logging
 import mmap
 import threading
 
+from ..diskformat import ALIGN, REC_HDR, record_length
+
 log = logging.getLogger("memkv.server")
 
 ROUND = 64  # cache-line aligned placement
 
 
 class Slot:
-    __slots__ = ("entry", "off", "len", "busy", "valid")
+    __slots__ = ("entry", "off", "len", "busy", "valid", "record")
 
-    def __init__(self, entry, off: int, length: int):
-        self.entry, self.off, self.len = entry, off, length
+    def __init__(self, entry, off: int, length: int, record: bool):
+        self.entry, self.off, self.len, self.record = entry, off, length, record
         self.busy = 1       # being filled by the read that reserved it
         self.valid = False  # filled and verified, and still the entry's current bytes
 
@@ -69,22 +75,25 @@ class RamCache:
             s.busy += 1
         return s
 
-    def reserve(self, e):
-        """A slot for e's payload at the ring's head, to be filled by the disk read; None when the
-        cache is not ready, the block does not fit, or a busy block is in the way."""
-        n = e.len
+    def reserve(self, e, record: bool = False):
+        """A slot for e's payload at the ring's head, to be filled by a read or a put (record:
+        room for e's whole disk record, for write-behind); None when the cache is not ready, the
+        block does not fit, or a busy block is in the way."""
+        n = record_length(e.len) if record else e.len
         if not self.base or not 0 < n <= self.capacity:
             return None
-        start = self.head if self.head + n <= self.capacity else 0
+        lo = self.head
+        start = -(-lo // ALIGN) * ALIGN if record else lo
         ring = self.ring
-        if start < self.head:  # wrapping: the oldest blocks between the head and the end go first
-            while ring and ring[0].off >= self.head:
+        if start + n > self.capacity:  # wrapping: the oldest blocks from the head to the end go first
+            while ring and ring[0].off >= lo:
                 if not self._drop_oldest():
                     return None
-        while ring and start <= ring[0].off < start + n:
+            lo = start = 0
+        while ring and lo <= ring[0].off < start + n:
             if not self._drop_oldest():
                 return None
-        slot = Slot(e, start, n)
+        slot = Slot(e, start, n, record)
         ring.append(slot)
         self.head = -(-(start + n) // ROUND) * ROUND
         return slot
@@ -100,6 +109,10 @@ class RamCache:
         return True
 
     def address(self, slot: Slot) -> int:
+        """Where slot's payload is."""
+        return self.base + slot.off + (REC_HDR if slot.record else 0)
+
+    def record_address(self, slot: Slot) -> int:
         return self.base + slot.off
 
     def filled(self, slot: Slot, ok: bool) -> None:
@@ -113,7 +126,7 @@ class RamCache:
             self.used += slot.len
 
     def done(self, slot: Slot) -> None:
-        """A send from the cache (lookup) is over."""
+        """A send from the cache (lookup), or the disk write of a record slot, is over."""
         slot.busy -= 1
 
     def stats(self) -> dict:

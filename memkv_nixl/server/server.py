@@ -271,7 +271,7 @@ class Server:
                                           [addr + d[2] for d in descs],
                                           replace=bool(f.flags & FrameFlag.REPLACE))
             try:
-                arena.server_put(fd, ios, f.count, cma_pid, peer_addrs)
+                arena.server_put(fd, ios, f.count, cma_pid, peer_addrs, store.write_behind)
             finally:
                 statuses = store.commit_put(plan, ios)
             native.send_all(fd, pack_frame(Op.PUT, req_id=f.req_id, count=f.count,

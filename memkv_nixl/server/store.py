@@ -10,13 +10,18 @@ A put that finds no room within two laps gets Status.FULL (back-pressure, retrie
 
 Durability: the index is rebuilt at start-up from the last checkpoint plus the journal written
 after it. In `sync` mode a put is acknowledged only after its data (O_DIRECT + fdatasync) and its
-journal record (fdatasync) are on disk; in `async` mode the journal is flushed every second.
+journal record (fdatasync) are on disk. In `async` mode a put is acknowledged once its record is
+in the DRAM cache (write-behind, see ramcache.py) and is served from there until the disk has
+it; its journal record is written only then, so after a crash the index never names a block
+whose bytes did not reach the disk. The journal is flushed every second. When the cache has no
+room (or is off), an async put is written before its reply, without the flushes.
 Gets verify each record's header and checksum in C; anything else is a miss, never wrong bytes.
 
 This module moves no block bytes itself: it only decides where they go (struct memkv_io rows)
 and keeps the index consistent. Callers hold no lock; every public method takes `self._lock`.
 """
 import collections
+import errno
 import logging
 import os
 import stat
@@ -38,13 +43,14 @@ log = logging.getLogger("memkv.store")
 CHECKPOINT_JOURNAL_BYTES = 32 << 20  # checkpoint once the journal holds this much
 SEQ_FENCE = 1 << 32                  # after recovery, new records never reuse a lost record's seq
 ASYNC_FLUSH_S = 1.0
+CLOSE_WAIT_S = 120  # a clean stop waits this long for write-behind records to reach the disk
 
 
 class Entry:
     """One block: where it lives and its eviction state."""
 
     __slots__ = ("ns", "key", "file", "off", "len", "csum", "seq", "pinned", "ref", "busy", "live",
-                 "replace")
+                 "replace", "behind")
 
     def __init__(self, ns, key, file, off, length, csum, seq, pinned=False):
         self.ns = ns
@@ -59,6 +65,7 @@ class Entry:
         self.busy = 0      # transfers using the slot (a write in flight, or reads)
         self.live = True   # False once evicted/deleted/dropped; the ring forgets it lazily
         self.replace = False  # a region-mode put that supersedes a committed block
+        self.behind = False   # written behind (async): acknowledged, not yet on disk
 
     @property
     def reclen(self) -> int:
@@ -186,6 +193,15 @@ class Store:
         self._flusher = threading.Thread(target=self._flush_loop, name="memkv-journal", daemon=True)
         self._flusher.start()
         self.ram.start(self._lock)
+        # write-behind: seq -> (entry, cache slot) of records acknowledged but not yet on disk
+        self._behind: dict[int, tuple] = {}
+        self._behind_bytes = 0
+        self._behind_idle = threading.Condition(self._lock)
+        self.write_behind = None if sync else native.WriteBehind()
+        if self.write_behind is not None:
+            self._behind_thread = threading.Thread(target=self._write_behind_loop,
+                                                   name="memkv-write-behind", daemon=True)
+            self._behind_thread.start()
 
     # ---- namespaces ------------------------------------------------------------------------
     def namespace(self, name: str) -> int:
@@ -232,19 +248,35 @@ class Store:
                         e.replace = replace
                         f.ring.append(e)
                         entries[i] = e
-                        slots[i] = self.ram.reserve(e)
-                        action = native.ACT_STORE
+                        action, slots[i], fill = self._stage(e)
                 e = entries[i]
                 native.IO.pack_into(ios, i * native.IO.size, e.file.fd if e else -1, ns_id,
                                     e.off if e else 0, length, 0, e.seq if e else 0, 0,
                                     key_addrs[i], len(key), action, status, native.RES_PRESET,
-                                    0, self.ram.address(slots[i]) if slots[i] else 0)
+                                    0, fill if e else 0)
         return ios, (entries, slots)
 
+    def _stage(self, e: Entry):
+        """Where a new block's bytes go: (action, cache slot, its address for C). Async: its
+        whole record into a cache slot, written behind; else written now, copied to the cache."""
+        if self.write_behind is not None:
+            slot = self.ram.reserve(e, record=True)
+            if slot is not None:
+                e.busy += 1  # held by the write until it reports
+                slot.busy += 1
+                e.behind = True
+                self._behind[e.seq] = (e, slot)
+                self._behind_bytes += e.len
+                self.counters["put_written_behind"] += 1
+                return native.ACT_BEHIND, slot, self.ram.record_address(slot)
+        slot = self.ram.reserve(e)
+        return native.ACT_STORE, slot, self.ram.address(slot) if slot else 0
+
     def _commit_one(self, e: Entry, result: int, ios: bytearray, i: int) -> bool:
-        """Make one written block visible and journal it; False if it does not count."""
+        """Make one written block visible and journal it (a block written behind: once it is on
+        disk); False if it does not count."""
         ns = e.ns
-        if result != native.RES_OK:
+        if result != native.RES_OK or not e.live:  # not live: its write-behind already failed
             e.live = False
             if result == native.RES_BAD_CSUM:
                 self.counters["put_checksum_mismatch"] += 1
@@ -261,15 +293,21 @@ class Store:
         ns.index[e.key] = e
         ns.bytes += e.len
         ns.puts += 1
-        self._journal(MetaType.PUT, ns.id, e.key, e.file.number, e.seq, e.off, e.len, e.csum,
-                      FLAG_PINNED if e.pinned else 0)
+        if not e.behind:
+            self._journal_put(e)
         return True
 
+    def _journal_put(self, e: Entry) -> None:
+        self._journal(MetaType.PUT, e.ns.id, e.key, e.file.number, e.seq, e.off, e.len, e.csum,
+                      FLAG_PINNED if e.pinned else 0)
+
     def commit_put(self, plan: tuple, ios: bytearray) -> list[Status]:
-        """After C wrote the blocks: make the good ones visible and durable, return statuses."""
+        """After C wrote (or started writing) the blocks: make the good ones visible and
+        durable, return statuses."""
         entries, slots = plan
         statuses = [Status(s) for s in ios[native.IO_STATUS_AT::native.IO.size]]
         results = ios[native.IO_RESULT_AT::native.IO.size]
+        actions = ios[native.IO_ACTION_AT::native.IO.size]
         if self.sync:
             for fd in {e.file.fd for e in entries if e is not None}:
                 os.fdatasync(fd)
@@ -278,12 +316,47 @@ class Store:
                 if e is None:
                     continue
                 e.busy -= 1
+                if statuses[i] == Status.OK and not e.live:  # its write-behind failed already
+                    statuses[i] = Status.IO_ERROR
                 committed = self._commit_one(e, results[i], ios, i)
                 if slots[i] is not None:
                     self.ram.filled(slots[i], committed)  # the cache keeps committed bytes only
+                if actions[i] == native.ACT_BEHIND and results[i] == native.RES_PRESET:
+                    self._written(e.seq, -errno.ECANCELED)  # never started: no report follows
         if self.sync:
             self._flush_journal(True)
         return statuses
+
+    # ---- write-behind (async) ----------------------------------------------------------------
+    def _write_behind_loop(self) -> None:
+        while not (self._stop.is_set() and not self._behind):
+            done = self.write_behind.wait(0.5)
+            if done:
+                with self._lock:
+                    for seq, err in done:
+                        self._written(seq, err)
+
+    def _written(self, seq: int, err: int) -> None:
+        """A write-behind record reached the disk (err 0) or did not (caller holds the lock)."""
+        e, slot = self._behind.pop(seq)
+        self._behind_bytes -= e.len
+        e.behind = False
+        e.busy -= 1
+        self.ram.done(slot)
+        current = e.live and e.ns.index.get(e.key) is e
+        if err == 0:
+            if current:  # (not committed yet: its commit journals it)
+                self._journal_put(e)
+        elif err != -errno.ECANCELED:  # cancelled: the put itself failed and was not acknowledged
+            self.counters["write_behind_errors"] += 1
+            log.error("write-behind of block %s/%s to %s+%d failed (%s): %s", e.ns.name, e.key.hex(),
+                      e.file.path, e.off, os.strerror(-err), "the acknowledged block is lost"
+                      if current else "its put is answered IO_ERROR")
+            if current:
+                self._drop(e)
+            e.live = False
+        if not self._behind:
+            self._behind_idle.notify_all()
 
     def _take_seq(self) -> int:
         seq = self._next_seq
@@ -320,9 +393,9 @@ class Store:
             end = f.head + reclen
             while ring and ring[0].off < end and ring[0].off >= f.head:
                 e = ring[0]
-                if not e.live:
+                if not e.live and not e.busy:
                     ring.popleft()
-                elif e.pinned or e.busy or e.ref:
+                elif e.pinned or e.busy or e.ref:  # busy: a write or read may still be in flight
                     e.ref = False
                     ring.rotate(-1)
                     travelled += e.off + e.reclen - f.head
@@ -470,6 +543,7 @@ class Store:
                     "block_size_range": [self.min_block, self.max_block],
                     "startup_seconds": round(self.startup_s, 4), "counters": dict(self.counters),
                     "ram_cache": self.ram.stats(),
+                    "write_behind": {"blocks": len(self._behind), "bytes": self._behind_bytes},
                     "data_paths": [f.path for f in self.files], "namespaces": nss}
 
     # ---- journal -----------------------------------------------------------------------------
@@ -511,6 +585,8 @@ class Store:
             count = len(self.namespaces)
             for ns in self.namespaces.values():
                 for e in ns.index.values():
+                    if e.behind:
+                        continue  # journaled once it is on disk
                     _pack_meta(records, MetaType.PUT, ns.id, e.key, e.file.number, e.seq, e.off,
                                e.len, e.csum, FLAG_PINNED if e.pinned else 0)
                     count += 1
@@ -633,6 +709,12 @@ class Store:
             return
         self._closed = True
         self._stop.set()
+        if self.write_behind is not None:
+            with self._lock:
+                if not self._behind_idle.wait_for(lambda: not self._behind, CLOSE_WAIT_S):
+                    log.error("stopping with %d written-behind blocks still not on disk: they are "
+                              "lost", len(self._behind))
+            self._behind_thread.join(1)
         self._flusher.join()
         self._flush_journal(True)
         self.checkpoint()
