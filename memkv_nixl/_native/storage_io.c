@@ -524,27 +524,35 @@ struct incoming {
     struct job *jobs;        /* one per piece: pull it (cma), then write it */
     uint64_t piece, npieces; /* npieces: pieces that hold payload */
     int kind;                /* JOB_WRITE (arena slot) or JOB_BEHIND (DRAM cache slot) */
-    int split;               /* pieces 1.. are pulled from the client by the copy pool */
+    int split;               /* pieces first.. are pulled from the client by the copy pool */
+    uint64_t first;          /* 0: the whole record is pulled ahead; 1: this thread takes piece 0 */
     uint64_t waited;         /* pulls [waited, npieces) may still be in flight */
 };
 
 /* cma PUT of a large block: its pieces are copied from the client by the copy pool at once (one
-   thread's copy ran at ~4.8 GB/s here) while the socket thread hashes each in order as it lands. */
+   thread's copy ran at ~4.8 GB/s here) while the socket thread hashes each in order as it lands.
+   With write-behind, the next records of the batch (up to PULL_AHEAD_BYTES) are pulled while
+   this one is hashed, small ones whole: the socket thread then only hashes them. */
 #define PULL_SPLIT_MIN (4u << 20)
+#define PULL_AHEAD_MAX 16
+#define PULL_AHEAD_BYTES (16u << 20)
 
-static int pull_start(struct batch *b, struct incoming *in) {
+static int pull_start(struct batch *b, struct incoming *in, int ahead) {
     struct memkv_io *io = in->io;
     uint64_t end = MEMKV_REC_HDR + io->len;
     in->npieces = (end + in->piece - 1) / in->piece;
-    in->split = in->src.pid && io->len >= PULL_SPLIT_MIN && in->npieces > 1;
-    in->waited = 1;
+    int large = io->len >= PULL_SPLIT_MIN && in->npieces > 1;
+    in->first = ahead && !large ? 0 : 1; /* a large record's piece 0 is hashed as it is taken */
+    in->split = in->src.pid && (ahead || large);
+    in->waited = in->first;
     if (!in->split) return 0;
     if (client_gone(in->src.sock)) {
         in->split = 0;
         return -ECONNRESET;
     }
-    for (uint64_t q = 1; q < in->npieces; q++) {
-        uint64_t from = q * in->piece, to = (q + 1) * in->piece < end ? (q + 1) * in->piece : end;
+    for (uint64_t q = in->first; q < in->npieces; q++) {
+        uint64_t from = q ? q * in->piece : MEMKV_REC_HDR;
+        uint64_t to = (q + 1) * in->piece < end ? (q + 1) * in->piece : end;
         submit(b, &in->jobs[q], JOB_PULL, io, in->src.pid, 0, in->rec + from, to - from,
                (off_t)(in->src.remote + from - MEMKV_REC_HDR));
     }
@@ -573,7 +581,7 @@ static int put_record(struct batch *b, struct incoming *in) {
     uint64_t pos = MEMKV_REC_HDR;
     for (uint64_t k = 0; pos < end; k++) {
         uint64_t pend = (k + 1) * piece < end ? (k + 1) * piece : end;
-        int pulled = in->split && k > 0;
+        int pulled = in->split && k >= in->first;
         if (pulled) {
             wait_job(b, &jobs[k]);
             in->waited = k + 1;
@@ -677,16 +685,21 @@ int memkv_server_put(int sock, struct memkv_arena *a, struct memkv_io *ios, uint
     struct batch b = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER};
     uint32_t next = 0;
     int fatal = 0;
-    struct incoming cur, ahead = {0}; /* ahead: the next write-behind record, its pulls started */
+    struct incoming cur = {0};
+    struct incoming ahead[PULL_AHEAD_MAX]; /* write-behind records whose pulls started, in order */
+    uint32_t ahead_head = 0, ahead_n = 0, last_queued = 0;
+    uint64_t ahead_bytes = 0;
     for (uint32_t i = 0; i < n; i++) {
         struct memkv_io *io = &ios[i];
         if (!stored(io)) {
             if (!fatal && !pid) fatal = drain(sock, a, io->len);
             continue;
         }
-        if (ahead.io == io) {
-            cur = ahead;
-            ahead.io = NULL;
+        if (ahead_n && ahead[ahead_head].io == io) {
+            cur = ahead[ahead_head];
+            ahead_head = (ahead_head + 1) % PULL_AHEAD_MAX;
+            ahead_n--;
+            ahead_bytes -= io->len;
         } else if (!fatal) {
             cur = (struct incoming){io, {sock, pid, pid ? peer[i] : 0}};
             if (io->action == MEMKV_ACT_BEHIND) {
@@ -702,24 +715,33 @@ int memkv_server_put(int sock, struct memkv_arena *a, struct memkv_io *ios, uint
                 cur.piece = piece;
                 cur.kind = JOB_WRITE;
             }
-            fatal = pull_start(&b, &cur);
+            fatal = pull_start(&b, &cur, 0);
+        } else {
+            cur.io = NULL;
         }
-        /* cma into DRAM: the next record's pulls run while this one is hashed */
-        uint32_t j = i + 1;
-        while (j < n && !stored(&ios[j])) j++;
-        if (!fatal && pid && j < n && ios[j].action == MEMKV_ACT_BEHIND) {
+        /* cma into DRAM: the next records are pulled while this one is hashed */
+        if (last_queued < i + 1) last_queued = i + 1;
+        while (!fatal && pid && ahead_n < PULL_AHEAD_MAX && ahead_bytes < PULL_AHEAD_BYTES) {
+            uint32_t j = last_queued;
+            while (j < n && !stored(&ios[j])) j++;
+            if (j >= n || ios[j].action != MEMKV_ACT_BEHIND) break;
             struct memkv_io *nx = &ios[j];
-            ahead = (struct incoming){nx, {sock, pid, peer[j]}, (char *)(uintptr_t)nx->fill, wbs[j]->jobs,
-                                      piece_size(round_up(MEMKV_REC_HDR + nx->len, MEMKV_ALIGN)), 0,
-                                      JOB_BEHIND};
-            fatal = pull_start(&b, &ahead);
+            struct incoming *in = &ahead[(ahead_head + ahead_n) % PULL_AHEAD_MAX];
+            *in = (struct incoming){nx, {sock, pid, peer[j]}, (char *)(uintptr_t)nx->fill, wbs[j]->jobs,
+                                    piece_size(round_up(MEMKV_REC_HDR + nx->len, MEMKV_ALIGN)), 0,
+                                    JOB_BEHIND};
+            ahead_n++;
+            ahead_bytes += nx->len;
+            last_queued = j + 1;
+            fatal = pull_start(&b, in, 1);
         }
         if (!fatal) fatal = put_record(&b, &cur);
         else if (cur.io == io) pull_wait(&b, &cur);
         if (io->action == MEMKV_ACT_BEHIND) /* the submitter lets go; a record it gave up on fails */
             behind_drop(wbs[i], fatal || io->result != MEMKV_RES_OK ? -ECANCELED : 0);
     }
-    if (ahead.io) pull_wait(&b, &ahead); /* a fatal error left it behind */
+    for (; ahead_n; ahead_n--, ahead_head = (ahead_head + 1) % PULL_AHEAD_MAX)
+        pull_wait(&b, &ahead[ahead_head]); /* a fatal error left them behind */
     free(wbs);
     /* the client's checksums follow the payloads: it hashes each block right after sending it.
        With cma there is no wire to protect: the server hashes what it copied, as it copies; and
