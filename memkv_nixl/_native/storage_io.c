@@ -155,15 +155,20 @@ struct job {
 };
 
 /* Two pools: disk transfers, and cma copies (CPU work a client waits on, which must not queue
-   behind disk writes, e.g. write-behind records). */
+   behind disk writes). The disk pool runs write-behind pieces (nobody waits on them) only when
+   no other job is queued, and on all threads but one, so a read that misses the DRAM cache
+   during a burst of async puts waits for at most one piece, not for the whole burst. */
+struct queue {
+    struct job *head, *tail;
+};
 struct pool {
     pthread_mutex_t mu;
     pthread_cond_t cv;
-    struct job *head, *tail;
-    int started;
+    struct queue now, behind; /* behind: JOB_BEHIND pieces */
+    int started, behind_running;
 };
-static struct pool disk_pool = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, NULL, NULL, 0};
-static struct pool copy_pool = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, NULL, NULL, 0};
+static struct pool disk_pool = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER};
+static struct pool copy_pool = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER};
 #define COPY_THREADS 3
 
 static void fill_header(struct memkv_rec_hdr *h, const struct memkv_io *io);
@@ -224,16 +229,40 @@ static void run_job(struct job *j) {
     }
 }
 
+static void push(struct queue *q, struct job *j) {
+    j->next = NULL;
+    if (q->tail) q->tail->next = j;
+    else q->head = j;
+    q->tail = j;
+}
+
+static struct job *pop(struct queue *q) {
+    struct job *j = q->head;
+    q->head = j->next;
+    if (!q->head) q->tail = NULL;
+    return j;
+}
+
 static void *pool_main(void *arg) {
     struct pool *p = arg;
     for (;;) {
         pthread_mutex_lock(&p->mu);
-        while (!p->head) pthread_cond_wait(&p->cv, &p->mu);
-        struct job *j = p->head;
-        p->head = j->next;
-        if (!p->head) p->tail = NULL;
+        for (;;) {
+            if (p->now.head) break;
+            if (p->behind.head && (p->behind_running < p->started - 1 || p->started == 1)) break;
+            pthread_cond_wait(&p->cv, &p->mu);
+        }
+        int behind = !p->now.head;
+        struct job *j = pop(behind ? &p->behind : &p->now);
+        p->behind_running += behind;
         pthread_mutex_unlock(&p->mu);
         run_job(j);
+        if (behind) {
+            pthread_mutex_lock(&p->mu);
+            p->behind_running--;
+            pthread_cond_signal(&p->cv); /* a thread held back by the limit may take the next */
+            pthread_mutex_unlock(&p->mu);
+        }
     }
     return NULL;
 }
@@ -270,7 +299,6 @@ static void submit(struct batch *b, struct job *j, int kind, struct memkv_io *io
     j->len = len;
     j->off = off;
     j->err = 0;
-    j->next = NULL;
     if (kind == JOB_BEHIND) {
         __atomic_add_fetch(&j->wb->left, 1, __ATOMIC_ACQ_REL);
     } else {
@@ -280,9 +308,7 @@ static void submit(struct batch *b, struct job *j, int kind, struct memkv_io *io
     }
     struct pool *p = kind == JOB_PUSH || kind == JOB_PULL ? &copy_pool : &disk_pool;
     pthread_mutex_lock(&p->mu);
-    if (p->tail) p->tail->next = j;
-    else p->head = j;
-    p->tail = j;
+    push(kind == JOB_BEHIND ? &p->behind : &p->now, j);
     pthread_cond_signal(&p->cv);
     pthread_mutex_unlock(&p->mu);
 }
