@@ -26,10 +26,10 @@ class MemkvServer:
     parallel tests never race for ports; a restart reuses the same port and data."""
 
     def __init__(self, tmp_path, name: str, *, capacity="256MiB", durability="sync", extra=(),
-                 unix=False, prefix=()):
+                 unix=False, prefix=(), data=None):
         self.dir = tmp_path / name
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.data = self.dir / "data"
+        self.data = data or self.dir / "data"
         self.log_path = self.dir / "server.log"
         self.port = 0
         self.capacity = capacity

@@ -56,3 +56,25 @@ def test_all_pinned_gives_full_back_pressure_then_unpin_frees(memkv_server):
         assert c.put([b"one-more"], [os.urandom(MiB)]) == [Status.FULL]
         c.unpin(stored[:2])
         assert c.put([b"one-more"], [os.urandom(MiB)]) == [Status.OK]
+
+
+def test_usage_and_pin_counts_match_a_recount_after_restart(memkv_server):
+    """stats() keeps used bytes and pinned counts as blocks come and go (no scan per call); a
+    restart recounts them from the index, and both must agree."""
+    s = memkv_server(capacity="24MiB", extra=["--max-block", "1MiB"])
+    keys = [f"u/{i}".encode() for i in range(40)]  # 40 MiB through 24: evictions too
+    with s.client() as c:
+        for k in range(0, 40, 8):
+            c.put(keys[k:k + 8], [os.urandom(MiB - 4096 * j) for j in range(8)])
+        present = [k for k, p in zip(keys, c.exists(keys)) if p]
+        assert c.pin(present[:4]) == [Status.OK] * 4
+        c.unpin(present[:1])
+        c.delete(present[-3:] + [b"u/none"])
+        c.put([b"u/big"], [os.urandom(MiB)])  # replaces nothing, may evict
+        before = c.stats()[s.address]
+    s.restart()
+    with s.client() as c:
+        after = c.stats()[s.address]
+    assert 0 < before["used_bytes"] == after["used_bytes"] <= before["capacity_bytes"]
+    assert before["namespaces"]["test"]["pinned"] == after["namespaces"]["test"]["pinned"] == 3
+    assert before["namespaces"]["test"]["blocks"] == after["namespaces"]["test"]["blocks"]

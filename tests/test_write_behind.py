@@ -1,8 +1,12 @@
 """Async durability writes behind: a put is acknowledged once its record is in the server's DRAM
 cache, served from there at once, and written to disk after; the index (journal, checkpoint)
 names it only once the disk has it, so a restart never finds a block that is not there."""
+import contextlib
 import os
+import subprocess
 import time
+
+import pytest
 
 from memkv_nixl import Status
 
@@ -135,3 +139,69 @@ def test_a_failed_write_behind_loses_only_its_block_and_is_never_indexed(memkv_s
         st2, got = _get(c, keys, MiB)
         assert st2 == st and all(got[i] == data[i] for i in kept)
         assert "get_corrupt" not in c.stats()[s.address]["counters"]
+
+
+@contextlib.contextmanager
+def _loop_filesystem(tmp_path):
+    """A small ext4 on a loop device, mounted under tmp_path: a disk whose writes a test can hold
+    (fsfreeze). Skips where loop devices or mounting are not allowed."""
+    img, mnt = tmp_path / "fs.img", tmp_path / "mnt"
+    mnt.mkdir()
+    with open(img, "wb") as f:
+        f.truncate(256 * MiB)
+
+    def run(*cmd):
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+
+    made = run("losetup", "--find", "--show", str(img))
+    if made.returncode:
+        pytest.skip(f"no loop device here: {made.stderr.strip()}")
+    dev = made.stdout.strip()
+    try:
+        for cmd in (("mkfs.ext4", "-q", dev), ("mount", dev, str(mnt))):
+            done = run(*cmd)
+            if done.returncode:
+                pytest.skip(f"{cmd[0]} failed here: {done.stderr.strip()}")
+        try:
+            yield mnt
+        finally:
+            run("fsfreeze", "--unfreeze", str(mnt))
+            run("umount", "--lazy", str(mnt))
+    finally:
+        run("losetup", "--detach", dev)
+
+
+def test_a_crash_before_the_disk_has_a_written_behind_block_leaves_no_trace(memkv_server, tmp_path):
+    """The disk holds its writes (a frozen filesystem), so acknowledged blocks stay in DRAM only;
+    the server outlives a journal flush, then dies. After a restart those blocks are plain misses:
+    no journal record or checkpoint names them, so nothing reads back as corrupt or stale."""
+    with _loop_filesystem(tmp_path) as mnt:
+        s = _async_server(memkv_server, "64MiB", ["--meta-dir", str(tmp_path / "meta"),
+                                                  "--max-block", "1MiB"],
+                          capacity="128MiB", data=mnt / "data")
+        before = [f"before/{i}".encode() for i in range(8)]
+        held = [f"held/{i}".encode() for i in range(16)]
+        data = {k: os.urandom(MiB) for k in before + held}
+        with s.client() as c:
+            assert c.put(before, [data[k] for k in before]) == [Status.OK] * 8
+            while c.stats()[s.address]["write_behind"]["blocks"]:
+                time.sleep(0.02)
+            time.sleep(1.5)  # their journal records are flushed
+            assert subprocess.run(["fsfreeze", "--freeze", str(mnt)]).returncode == 0
+            try:
+                assert c.put(held, [data[k] for k in held]) == [Status.OK] * 16
+                assert _get(c, held, MiB) == ([Status.OK] * 16, [data[k] for k in held])
+                assert c.stats()[s.address]["write_behind"]["blocks"] == 16
+                time.sleep(1.5)  # a journal flush runs while they are still not on disk
+                s.proc.kill()  # its writers sleep in the frozen filesystem until the thaw
+            finally:
+                subprocess.run(["fsfreeze", "--unfreeze", str(mnt)])
+        s.proc.wait(60)
+        s._log.close()
+        s.start()
+        with s.client() as c:
+            assert _get(c, before, MiB) == ([Status.OK] * 8, [data[k] for k in before])
+            assert _get(c, held, MiB)[0] == [Status.MISS] * 16
+            counters = c.stats()[s.address]["counters"]
+            assert not {"get_corrupt", "get_stale"} & set(counters), counters
+        s.stop()

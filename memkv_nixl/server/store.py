@@ -73,13 +73,14 @@ class Entry:
 
 
 class Namespace:
-    __slots__ = ("id", "name", "index", "bytes", "hits", "misses", "puts", "evictions")
+    __slots__ = ("id", "name", "index", "bytes", "pinned", "hits", "misses", "puts", "evictions")
 
     def __init__(self, ns_id: int, name: str):
         self.id = ns_id
         self.name = name
         self.index: dict[bytes, Entry] = {}
-        self.bytes = 0
+        self.bytes = 0   # payload bytes of the blocks in the index
+        self.pinned = 0  # pinned blocks in the index
         self.hits = self.misses = self.puts = self.evictions = 0
 
 
@@ -182,6 +183,7 @@ class Store:
                                  f"the maximum size {max_block}; raise --capacity or lower --max-block")
             self.files.append(DataFile(i, path, size, fd, file_uuid))
         self._rr = 0
+        self._used = 0  # ring bytes of live records (kept as they change: stats must not scan)
         self._journal_path = os.path.join(meta_dir, "journal")
         self._ckpt_path = os.path.join(meta_dir, "index.ckpt")
         blocks = self._recover()
@@ -247,6 +249,7 @@ class Store:
                         e.ref = True  # CLOCK: a new block is referenced
                         e.replace = replace
                         f.ring.append(e)
+                        self._used += e.reclen
                         entries[i] = e
                         action, slots[i], fill = self._stage(e)
                 e = entries[i]
@@ -277,17 +280,17 @@ class Store:
         disk); False if it does not count."""
         ns = e.ns
         if result != native.RES_OK or not e.live:  # not live: its write-behind already failed
-            e.live = False
+            self._retire(e)
             if result == native.RES_BAD_CSUM:
                 self.counters["put_checksum_mismatch"] += 1
             return False
         old = ns.index.get(e.key)
         if old is not None:
             if not e.replace or old.seq > e.seq:
-                e.live = False  # a put of the same key committed first (or newer)
+                self._retire(e)  # a put of the same key committed first (or newer)
                 return False
-            old.live = False    # replaced: the journal's PUT supersedes it on replay
-            e.pinned = old.pinned
+            self._retire(old)    # replaced: the journal's PUT supersedes it on replay
+            e.pinned = old.pinned  # (the index's pinned count stays)
             ns.bytes -= old.len
         e.csum = native.IO.unpack_from(ios, i * native.IO.size)[4]  # hashed as written
         ns.index[e.key] = e
@@ -354,7 +357,7 @@ class Store:
                       if current else "its put is answered IO_ERROR")
             if current:
                 self._drop(e)
-            e.live = False
+            self._retire(e)
         if not self._behind:
             self._behind_idle.notify_all()
 
@@ -410,8 +413,15 @@ class Store:
                 return off
         return None
 
+    def _retire(self, e: Entry) -> None:
+        """e no longer holds its place in the ring (evicted, deleted, dropped, replaced, or never
+        committed); the ring reclaims it when its head gets there."""
+        if e.live:
+            e.live = False
+            self._used -= e.reclen
+
     def _evict(self, e: Entry) -> None:
-        e.live = False
+        self._retire(e)
         ns = e.ns
         if ns.index.get(e.key) is e:
             del ns.index[e.key]
@@ -492,8 +502,9 @@ class Store:
         if e.live and e.ns.index.get(e.key) is e:
             del e.ns.index[e.key]
             e.ns.bytes -= e.len
+            e.ns.pinned -= e.pinned
             self._journal(MetaType.DELETE, e.ns.id, e.key, e.file.number, e.seq)
-        e.live = False
+        self._retire(e)
 
     # ---- metadata ops ------------------------------------------------------------------------
     def exists(self, ns_id: int, keys: list[bytes]) -> list[int]:
@@ -512,6 +523,7 @@ class Store:
         def apply(e):
             if e.pinned != pinned:
                 e.pinned = pinned
+                e.ns.pinned += 1 if pinned else -1
                 self._journal(kind, e.ns.id, e.key, e.file.number, e.seq)
         return self._update(ns_id, keys, apply)
 
@@ -532,13 +544,12 @@ class Store:
 
     def stats(self, ns_id: int | None = None) -> dict:
         with self._lock:
-            used = sum(e.reclen for f in self.files for e in f.ring if e.live)
             nss = {ns.name: {"blocks": len(ns.index), "bytes": ns.bytes, "hits": ns.hits,
                              "misses": ns.misses, "puts": ns.puts, "evictions": ns.evictions,
-                             "pinned": sum(1 for e in ns.index.values() if e.pinned)}
+                             "pinned": ns.pinned}
                    for ns in self.namespaces.values() if ns_id is None or ns.id == ns_id}
             return {"capacity_bytes": sum(f.size - SUPERBLOCK_LEN for f in self.files),
-                    "used_bytes": used, "blocks": sum(len(ns.index) for ns in self.namespaces.values()),
+                    "used_bytes": self._used, "blocks": sum(len(ns.index) for ns in self.namespaces.values()),
                     "durability": "sync" if self.sync else "async",
                     "block_size_range": [self.min_block, self.max_block],
                     "startup_seconds": round(self.startup_s, 4), "counters": dict(self.counters),
@@ -556,6 +567,7 @@ class Store:
             with self._lock:
                 data, self._jbuf = self._jbuf, bytearray()
             if data:
+                _seal_meta(data)
                 os.write(self._jfd, data)
                 self._jsize += len(data)
             if durable and (data or self._jdirty):
@@ -590,6 +602,7 @@ class Store:
                     _pack_meta(records, MetaType.PUT, ns.id, e.key, e.file.number, e.seq, e.off,
                                e.len, e.csum, FLAG_PINNED if e.pinned else 0)
                     count += 1
+            _seal_meta(records)
             next_id = self._journal_id + 1
             head = CKPT_HDR.pack(CKPT_MAGIC, FORMAT_VERSION, 0, self._journal_id, self._next_seq,
                                  len(self.files), count)
@@ -654,6 +667,8 @@ class Store:
                     self._journal_id = jid
         for f in self.files:
             self._rebuild_ring(f, heads.get(f))
+        for ns in self.namespaces.values():
+            ns.pinned = sum(1 for e in ns.index.values() if e.pinned)
         self.checkpoint()  # the next start reads one compact checkpoint
         return sum(len(ns.index) for ns in self.namespaces.values())
 
@@ -702,6 +717,7 @@ class Store:
         after = [e for e in entries if e.off >= f.head]
         before = [e for e in entries if e.off < f.head]
         f.ring = collections.deque(after + before)
+        self._used += sum(e.reclen for e in entries)
 
     def close(self) -> None:
         """Clean stop: flush, checkpoint, close files."""
@@ -725,14 +741,19 @@ class Store:
 
 def _pack_meta(buf: bytearray, kind, ns_id, key, file=0, seq=0, off=0, length=0, csum=0,
                flags=0) -> None:
-    """Append one journal/checkpoint record (with its checksum) to buf."""
-    start = len(buf)
-    buf += bytes(META_REC.size)
-    META_REC.pack_into(buf, start, META_MAGIC, kind, len(key), file, ns_id, flags, seq, off, length,
-                       csum, key, 0)
-    with memoryview(buf)[start:start + META_BODY] as body:
-        crc = native.xxh3(body)
-    buf[start + META_BODY:start + META_REC.size] = crc.to_bytes(8, "little")
+    """Append one journal/checkpoint record to buf, its checksum still 0 (see _seal_meta): an
+    eviction storm appends thousands of them under the store's lock."""
+    buf += META_REC.pack(META_MAGIC, kind, len(key), file, ns_id, flags, seq, off, length, csum, key, 0)
+
+
+_META_WORDS = META_REC.size // 8  # a whole number of words (184 B), the checksum the last
+
+
+def _seal_meta(buf: bytearray) -> None:
+    """Write each record's checksum (xxh3 of its body, in C for all of them) before it is written."""
+    sums = native.xxh3_strided(buf, len(buf) // META_REC.size, META_REC.size, META_BODY)
+    with memoryview(buf) as view, view.cast("Q") as words:
+        words[_META_WORDS - 1::_META_WORDS] = sums  # the checksum is each record's last word
 
 
 def _atomic_write(path: str, data: bytes) -> None:
