@@ -205,3 +205,30 @@ def test_a_crash_before_the_disk_has_a_written_behind_block_leaves_no_trace(memk
             counters = c.stats()[s.address]["counters"]
             assert not {"get_corrupt", "get_stale"} & set(counters), counters
         s.stop()
+
+
+def test_a_clean_stop_waits_for_written_behind_blocks(memkv_server, tmp_path):
+    """SIGTERM while the disk holds the writes: the server finishes them (once the filesystem
+    thaws) before its last checkpoint, so every acknowledged block is there after the restart."""
+    with _loop_filesystem(tmp_path) as mnt:
+        s = _async_server(memkv_server, "64MiB", ["--meta-dir", str(tmp_path / "meta"),
+                                                  "--max-block", "1MiB"],
+                          capacity="128MiB", data=mnt / "data")
+        held = [f"held/{i}".encode() for i in range(16)]
+        data = [os.urandom(MiB) for _ in held]
+        assert subprocess.run(["fsfreeze", "--freeze", str(mnt)]).returncode == 0
+        try:
+            with s.client() as c:
+                assert c.put(held, data) == [Status.OK] * 16
+                assert c.stats()[s.address]["write_behind"]["blocks"] == 16
+            s.proc.terminate()
+            time.sleep(1.5)  # it is stopping, and waiting on the frozen disk
+            assert s.proc.poll() is None, "the server stopped before its blocks were on disk"
+        finally:
+            subprocess.run(["fsfreeze", "--unfreeze", str(mnt)])
+        assert s.proc.wait(60) == 0
+        s._log.close()
+        s.start()
+        with s.client() as c:
+            assert _get(c, held, MiB) == ([Status.OK] * 16, data)
+        s.stop()
