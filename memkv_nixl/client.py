@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from . import native
 from .errors import ConnectionFailed, InvalidArgument, ProtocolError, ServerError
-from .protocol import MAX_KEY, MAX_NAMESPACE, Op, Status
+from .protocol import MAX_KEY, MAX_NAMESPACE, Op, Status, endpoint_name
 from .transport.connection import Connection
 
 log = logging.getLogger("memkv.client")
@@ -57,7 +57,7 @@ class _Endpoint:
     def __init__(self, client: "Client", host: str, port: int):
         self.client = client
         self.host, self.port = host, port
-        self.name = f"{host}:{port}" if port else host  # placement seed; the NIXL plugin's too
+        self.name = endpoint_name(host, port)  # placement seed; the NIXL plugin's too
         self.idle: list[Connection] = []
         self.lock = threading.Lock()
         self.down_until = 0.0

@@ -9,6 +9,7 @@ from array import array
 
 from ._version import __version__
 from .errors import AuthError, MemkvError, ProtocolError, ServerError
+from .protocol import endpoint_name
 
 try:
     from ._native._memkv import ffi, lib
@@ -109,6 +110,7 @@ class Conn:
     def __init__(self, host: str, port: int, namespace: bytes, secret: bytes | None, timeout: float,
                  same_host: bool = True):
         from .errors import AuthError, ConnectionFailed
+        self.name = endpoint_name(host, port)
         self._c = ffi.new("struct memkv_conn *")
         err = ffi.new("char[1024]")
         secret = secret or b""
@@ -118,8 +120,7 @@ class Conn:
             cls = AuthError if self._c.last_status == lib.MEMKV_ST_AUTH_FAILED else ServerError
             raise cls(ffi.string(err).decode(errors="replace"))
         if rc < 0:
-            name = f"{host}:{port}" if port else host
-            text = ffi.string(err).decode(errors="replace") or f"no answer from memkv server {name}"
+            text = ffi.string(err).decode(errors="replace") or f"no answer from memkv server {self.name}"
             raise ConnectionFailed(f"{text}: {os.strerror(-rc)}")
         self.fd = self._c.fd
         self.cma = bool(self._c.cma)

@@ -130,6 +130,12 @@ class Limits(NamedTuple):
     max_batch: int
 
 
+def endpoint_name(host: str, port: int) -> str:
+    """How a server is named in messages and seeded in placement ('host:port', or the unix socket
+    path for port 0); the NIXL plugin names servers the same way."""
+    return f"{host}:{port}" if port else host
+
+
 def auth_mac(secret: bytes, nonce: bytes, namespace: bytes) -> bytes:
     """Response to a server challenge: binds the secret to this nonce and namespace."""
     return hmac.new(secret, b"memkv-auth-v1\0" + nonce + namespace, hashlib.sha256).digest()

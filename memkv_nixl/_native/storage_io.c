@@ -666,6 +666,19 @@ static int stored(const struct memkv_io *io) {
     return io->action == MEMKV_ACT_STORE || io->action == MEMKV_ACT_BEHIND;
 }
 
+/* A write-behind record moves in pieces sized for its own length (it has no arena slot). */
+static uint64_t behind_piece(const struct memkv_io *io) {
+    return piece_size(round_up(MEMKV_REC_HDR + io->len, MEMKV_ALIGN));
+}
+
+/* Descriptor i of a batch, to be received into its DRAM cache slot (BEHIND). */
+static struct incoming behind_incoming(struct memkv_io *ios, uint32_t i, int sock, int pid,
+                                       const uint64_t *peer, struct behind_rec **wbs) {
+    struct memkv_io *io = &ios[i];
+    return (struct incoming){io, {sock, pid, pid ? peer[i] : 0}, (char *)(uintptr_t)io->fill,
+                             wbs[i]->jobs, behind_piece(io), 0, JOB_BEHIND};
+}
+
 /* A write-behind record per BEHIND descriptor, all or none (then: -ENOMEM, results untouched).
    A started one is marked by result IO until put_record sets it; it is always reported. */
 static int behind_start(struct memkv_behind *q, struct memkv_io *ios, uint32_t n,
@@ -679,8 +692,7 @@ static int behind_start(struct memkv_behind *q, struct memkv_io *ios, uint32_t n
     if (!wbs) return -ENOMEM;
     for (uint32_t i = 0; i < n; i++) {
         if (ios[i].action != MEMKV_ACT_BEHIND) continue;
-        uint64_t reclen = round_up(MEMKV_REC_HDR + ios[i].len, MEMKV_ALIGN);
-        uint64_t piece = piece_size(reclen);
+        uint64_t reclen = round_up(MEMKV_REC_HDR + ios[i].len, MEMKV_ALIGN), piece = behind_piece(&ios[i]);
         if (!(wbs[i] = behind_new(q, ios[i].seq, (uint32_t)((reclen + piece - 1) / piece)))) {
             for (uint32_t k = 0; k < i; k++) free(wbs[k]);
             free(wbs);
@@ -727,19 +739,14 @@ int memkv_server_put(int sock, struct memkv_arena *a, struct memkv_io *ios, uint
             ahead_n--;
             ahead_bytes -= io->len;
         } else if (!fatal) {
-            cur = (struct incoming){io, {sock, pid, pid ? peer[i] : 0}};
             if (io->action == MEMKV_ACT_BEHIND) {
-                cur.rec = (char *)(uintptr_t)io->fill;
-                cur.jobs = wbs[i]->jobs;
-                cur.piece = piece_size(round_up(MEMKV_REC_HDR + io->len, MEMKV_ALIGN));
-                cur.kind = JOB_BEHIND;
+                cur = behind_incoming(ios, i, sock, pid, peer, wbs);
             } else {
                 uint32_t s = next++ % nslots;
-                cur.jobs = &jobs[(size_t)s * per];
-                for (uint32_t k = 0; k < per; k++) wait_job(&b, &cur.jobs[k]); /* its last record is on disk */
-                cur.rec = (char *)a->mem + (size_t)s * slot;
-                cur.piece = piece;
-                cur.kind = JOB_WRITE;
+                struct job *sj = &jobs[(size_t)s * per];
+                for (uint32_t k = 0; k < per; k++) wait_job(&b, &sj[k]); /* its last record is on disk */
+                cur = (struct incoming){io, {sock, pid, pid ? peer[i] : 0}, (char *)a->mem + (size_t)s * slot,
+                                        sj, piece, 0, JOB_WRITE};
             }
             fatal = pull_start(&b, &cur, 0);
         } else {
@@ -751,13 +758,10 @@ int memkv_server_put(int sock, struct memkv_arena *a, struct memkv_io *ios, uint
             uint32_t j = last_queued;
             while (j < n && !stored(&ios[j])) j++;
             if (j >= n || ios[j].action != MEMKV_ACT_BEHIND) break;
-            struct memkv_io *nx = &ios[j];
             struct incoming *in = &ahead[(ahead_head + ahead_n) % PULL_AHEAD_MAX];
-            *in = (struct incoming){nx, {sock, pid, peer[j]}, (char *)(uintptr_t)nx->fill, wbs[j]->jobs,
-                                    piece_size(round_up(MEMKV_REC_HDR + nx->len, MEMKV_ALIGN)), 0,
-                                    JOB_BEHIND};
+            *in = behind_incoming(ios, j, sock, pid, peer, wbs);
             ahead_n++;
-            ahead_bytes += nx->len;
+            ahead_bytes += ios[j].len;
             last_queued = j + 1;
             fatal = pull_start(&b, in, 1);
         }

@@ -18,8 +18,8 @@ from ..protocol import FRAME, MAX_ERROR_TEXT, Limits, Op, pack_frame, unpack_fra
 class Connection:
     def __init__(self, host: str, port: int, namespace: bytes, secret: bytes | None, timeout: float,
                  same_host: bool = True):
-        self.peer = f"{host}:{port}" if port else host
         self._conn = native.Conn(host, port, namespace, secret, timeout, same_host)
+        self.peer = self._conn.name
         self.fd = self._conn.fd
         self.cma = self._conn.cma
         self.limits = Limits(self._conn.max_block, self._conn.min_block, self._conn.max_batch)
