@@ -3,6 +3,7 @@ import os
 
 os.environ.setdefault("UCX_MODULES", "^efa")  # before anything may load NIXL/UCX
 
+import contextlib
 import shutil
 import signal
 import subprocess
@@ -125,6 +126,23 @@ def recv_exactly(sock, n: int) -> bytes:
             break
         out += chunk
     return out
+
+
+@contextlib.contextmanager
+def loop_device(image, size: int):
+    """A block device backed by the file `image` (a loop device): a raw disk a test may format,
+    mount or freeze. Skips where loop devices are not allowed (no root, or a container)."""
+    with open(image, "wb") as f:
+        f.truncate(size)
+    made = subprocess.run(["losetup", "--find", "--show", str(image)], capture_output=True,
+                          text=True, timeout=60)
+    if made.returncode:
+        pytest.skip(f"no loop device here: {made.stderr.strip()}")
+    dev = made.stdout.strip()
+    try:
+        yield dev
+    finally:
+        subprocess.run(["losetup", "--detach", dev], capture_output=True, timeout=60)
 
 
 @pytest.fixture

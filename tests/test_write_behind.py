@@ -8,6 +8,7 @@ import time
 
 import pytest
 
+from conftest import loop_device
 from memkv_nixl import Status
 
 MiB = 1 << 20
@@ -145,19 +146,13 @@ def test_a_failed_write_behind_loses_only_its_block_and_is_never_indexed(memkv_s
 def _loop_filesystem(tmp_path):
     """A small ext4 on a loop device, mounted under tmp_path: a disk whose writes a test can hold
     (fsfreeze). Skips where loop devices or mounting are not allowed."""
-    img, mnt = tmp_path / "fs.img", tmp_path / "mnt"
+    mnt = tmp_path / "mnt"
     mnt.mkdir()
-    with open(img, "wb") as f:
-        f.truncate(256 * MiB)
 
     def run(*cmd):
         return subprocess.run(cmd, capture_output=True, text=True, timeout=60)
 
-    made = run("losetup", "--find", "--show", str(img))
-    if made.returncode:
-        pytest.skip(f"no loop device here: {made.stderr.strip()}")
-    dev = made.stdout.strip()
-    try:
+    with loop_device(tmp_path / "fs.img", 256 * MiB) as dev:
         for cmd in (("mkfs.ext4", "-q", dev), ("mount", dev, str(mnt))):
             done = run(*cmd)
             if done.returncode:
@@ -167,8 +162,6 @@ def _loop_filesystem(tmp_path):
         finally:
             run("fsfreeze", "--unfreeze", str(mnt))
             run("umount", "--lazy", str(mnt))
-    finally:
-        run("losetup", "--detach", dev)
 
 
 def test_a_crash_before_the_disk_has_a_written_behind_block_leaves_no_trace(memkv_server, tmp_path):

@@ -1,5 +1,6 @@
 """Server settings: defaults, the TOML config file and command-line flags, in that order of
 precedence (flags win). Validation reports every problem at once."""
+import collections
 import dataclasses
 import os
 import shutil
@@ -10,6 +11,7 @@ from ..protocol import MAX_BATCH, MAX_UNIX_PATH
 from ..units import format_size, parse_size
 
 DEFAULT_PORT = 9900
+DATA_FILE = "blocks.dat"  # in each data directory
 
 
 def default_data_dir() -> str:
@@ -53,13 +55,9 @@ class ServerConfig:
         if c.meta_dir is None:
             c.meta_dir = dirs[0] if dirs else os.path.join(default_data_dir(), "meta")
         if not c.capacity:
-            existing = [os.path.getsize(p) for p in c.data_files()
-                        if os.path.isfile(p) and not _is_block_device(p)]
-            if existing and len(existing) == len(c.data):
-                c.capacity = sum(existing)  # an existing store keeps its size
-            else:
-                free = sum(shutil.disk_usage(d).free for d in dirs) if dirs else 0
-                c.capacity = max(256 << 20, min(16 << 30, free // 2)) // (1 << 20) * (1 << 20)
+            # capacity is split evenly over the data paths: the default fits the smallest share
+            on_fs = collections.Counter(os.stat(d).st_dev for d in dirs)
+            c.capacity = len(c.data) * min(_default_share(p, on_fs) for p in c.data)
         problems = []
         if c.durability not in ("sync", "async"):
             problems.append(f"durability {c.durability!r} is not one of sync, async")
@@ -92,7 +90,7 @@ class ServerConfig:
         return c
 
     def data_files(self) -> list[str]:
-        return [p if _is_block_device(p) else os.path.join(p, "blocks.dat") for p in self.data]
+        return [p if _is_block_device(p) else os.path.join(p, DATA_FILE) for p in self.data]
 
     def secret(self) -> bytes | None:
         if not self.secret_file:
@@ -129,6 +127,23 @@ def load(config_file: str | None, overrides: dict) -> ServerConfig:
     for k in _SIZE_FIELDS & values.keys():
         values[k] = parse_size(values[k], k.replace("_", "-"))
     return ServerConfig(**values)
+
+
+def _default_share(path: str, dirs_on_fs: collections.Counter) -> int:
+    """A data path's size when none is configured: a block device's size; in a directory, the
+    size of its existing data file (a store keeps its size), else half the free space of its
+    filesystem (split between the data directories on it), from 256MiB up to 16GiB."""
+    if _is_block_device(path):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            return os.lseek(fd, 0, os.SEEK_END)
+        finally:
+            os.close(fd)
+    existing = os.path.join(path, DATA_FILE)
+    if os.path.isfile(existing):
+        return os.path.getsize(existing)
+    free = shutil.disk_usage(path).free // dirs_on_fs[os.stat(path).st_dev]
+    return max(256 << 20, min(16 << 30, free // 2)) // (1 << 20) * (1 << 20)
 
 
 def _is_block_device(path: str) -> bool:

@@ -22,6 +22,7 @@ and keeps the index consistent. Callers hold no lock; every public method takes 
 """
 import collections
 import errno
+import fcntl
 import logging
 import os
 import stat
@@ -97,16 +98,41 @@ class DataFile:
         self.ring: collections.deque[Entry] = collections.deque()  # cyclic order from head
 
 
+# What a block device may already hold (offset, signature, name). memkv never writes over data it
+# did not put there: zeroing the device's first MiB is the owner's consent.
+_FOREIGN = ((1080, b"\x53\xef", "an ext2/3/4 filesystem"), (0, b"XFSB", "an XFS filesystem"),
+            (65600, b"_BHRfS_M", "a btrfs filesystem"), (512, b"EFI PART", "a GPT partition table"),
+            (0, b"LUKS\xba\xbe", "a LUKS volume"), (512, b"LABELONE", "an LVM physical volume"),
+            (4086, b"SWAPSPACE2", "swap space"), (510, b"\x55\xaa", "a partition table or boot sector"))
+_FOREIGN_SCAN = 128 << 10
+
+
+def _claim(fd: int, what: str) -> None:
+    """Hold an exclusive lock on fd for the life of the process (the kernel drops it when the
+    process dies, kill -9 included): two servers on one store would each rewrite its journal."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise StoreError(f"{what} is in use by another memkv server; stop that one first, or give "
+                         "this one other --data and --meta-dir paths") from None
+
+
 def _open_data_path(path: str, size: int) -> tuple[int, int, bytes]:
     """Open (creating/preallocating a regular file) a data path; returns (fd, size, uuid)."""
     is_dev = os.path.exists(path) and stat.S_ISBLK(os.stat(path).st_mode)
-    flags = os.O_RDWR | os.O_DIRECT | (0 if is_dev else os.O_CREAT)
+    # O_EXCL on a block device: refused while it is mounted or opened so by another server
+    flags = os.O_RDWR | os.O_DIRECT | (os.O_EXCL if is_dev else os.O_CREAT)
     try:
         fd = os.open(path, flags, 0o600)
     except OSError as e:
+        if is_dev and e.errno == errno.EBUSY:
+            raise StoreError(f"block device {path} is in use by another memkv server or the system "
+                             "(mounted, or part of a RAID or LVM volume); memkv needs it to itself") from e
         raise StoreError(f"cannot open data path {path}: {e.strerror}; check that the directory "
                          "exists, is writable and its filesystem supports O_DIRECT") from e
     try:
+        if not is_dev:
+            _claim(fd, f"data path {path}")
         actual = os.lseek(fd, 0, os.SEEK_END)
         if is_dev:
             size = min(size, actual) // ALIGN * ALIGN if size else actual // ALIGN * ALIGN
@@ -116,12 +142,18 @@ def _open_data_path(path: str, size: int) -> tuple[int, int, bytes]:
                              "the data directory")
         elif actual < size:
             os.posix_fallocate(fd, 0, size)
-        sb = _read_aligned(fd, 0, SUPERBLOCK_LEN)
-        magic, version, _, file_uuid, _, _ = SUPERBLOCK.unpack_from(sb)
+        head = _read_aligned(fd, 0, _FOREIGN_SCAN if is_dev else SUPERBLOCK_LEN)
+        magic, version, _, file_uuid, _, _ = SUPERBLOCK.unpack_from(head)
         if magic != SUPERBLOCK_MAGIC or version != FORMAT_VERSION:
             if magic == SUPERBLOCK_MAGIC:
                 raise StoreError(f"data path {path} has format version {version}, this server "
                                  f"reads {FORMAT_VERSION}")
+            if is_dev and head.strip(b"\0"):
+                held = next((name for at, sig, name in _FOREIGN if head[at:at + len(sig)] == sig),
+                            "data that is not a memkv store")
+                raise StoreError(f"block device {path} holds {held}; memkv will not overwrite it. "
+                                 f"If it may go, erase its start first (wipefs --all {path}, or dd "
+                                 f"if=/dev/zero of={path} bs=1M count=1)")
             file_uuid = uuid.uuid4().bytes
             block = bytearray(SUPERBLOCK_LEN)
             SUPERBLOCK.pack_into(block, 0, SUPERBLOCK_MAGIC, FORMAT_VERSION, 0, file_uuid, size,
@@ -174,6 +206,12 @@ class Store:
         self._jfd = None
         t0 = time.monotonic()
         os.makedirs(meta_dir, exist_ok=True)
+        self._owner_fd = os.open(os.path.join(meta_dir, "lock"), os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            _claim(self._owner_fd, f"the store at {meta_dir}")
+        except StoreError:
+            os.close(self._owner_fd)
+            raise
         share = capacity // len(data_paths) // ALIGN * ALIGN
         self.files: list[DataFile] = []
         for i, path in enumerate(data_paths):
@@ -737,6 +775,7 @@ class Store:
         os.close(self._jfd)
         for f in self.files:
             os.close(f.fd)
+        os.close(self._owner_fd)
 
 
 def _pack_meta(buf: bytearray, kind, ns_id, key, file=0, seq=0, off=0, length=0, csum=0,
