@@ -39,6 +39,21 @@ def test_toml_config_with_flags_overriding(tmp_path):
     assert (cfg.data, cfg.capacity, cfg.max_block, cfg.durability) == (["/tmp/x"], 2 << 30, 16 << 20, "sync")
 
 
+def test_quotas_from_toml_and_flags(tmp_path):
+    f = tmp_path / "memkv.toml"
+    f.write_text('[server.quota]\n"llama3-8b/bf16/p16/tp0" = "200GiB"\n"*" = "50GiB"\n')
+    cfg = config.load(str(f), {})
+    assert cfg.quota == {"llama3-8b/bf16/p16/tp0": 200 << 30, "*": 50 << 30}
+    cfg = config.load(str(f), {"quota": ["a/b=1GiB", "*=2GiB"]})  # flags replace the file's
+    assert cfg.quota == {"a/b": 1 << 30, "*": 2 << 30}
+    for bad, why in ((["a/b"], "expected NAMESPACE=SIZE"), (["a=lots"], "quota of namespace 'a'"),
+                     (["a=0"], "must be above 0")):
+        with pytest.raises(ConfigError, match=why):
+            config.load(None, {"quota": bad})
+    r = memkv("serve", "--data", str(tmp_path / "d"), "--quota", "tp0", "--listen", "127.0.0.1:0")
+    assert r.returncode == 2 and b"quota 'tp0': expected NAMESPACE=SIZE" in r.stderr, r.stderr
+
+
 def test_bad_settings_are_reported_together(tmp_path):
     f = tmp_path / "bad.toml"
     f.write_text('capacity = "lots"\n')

@@ -78,3 +78,59 @@ def test_usage_and_pin_counts_match_a_recount_after_restart(memkv_server):
     assert 0 < before["used_bytes"] == after["used_bytes"] <= before["capacity_bytes"]
     assert before["namespaces"]["test"]["pinned"] == after["namespaces"]["test"]["pinned"] == 3
     assert before["namespaces"]["test"]["blocks"] == after["namespaces"]["test"]["blocks"]
+
+
+def _namespace(c, s, ns="test"):
+    return c.stats()[s.address]["namespaces"][ns]
+
+
+def test_a_namespace_at_its_quota_evicts_its_own_blocks_and_no_one_elses(memkv_server):
+    """A tenant that writes 8x its quota keeps within it by evicting its own oldest unpinned
+    blocks; another tenant's blocks are untouched; it holds after kill -9 and a restart."""
+    s = memkv_server(capacity="128MiB", extra=["--max-block", "4MiB", "--quota", "noisy=8MiB"])
+    quiet_keys = [f"quiet/{i}".encode() for i in range(16)]
+    quiet_data = [os.urandom(MiB) for _ in quiet_keys]
+    noisy_keys = [f"noisy/{i}".encode() for i in range(64)]
+    with s.client("quiet") as quiet, s.client("noisy") as noisy:
+        assert quiet.put(quiet_keys, quiet_data) == [Status.OK] * 16
+        blob = os.urandom(MiB)
+        assert noisy.put(noisy_keys[:2], [blob] * 2) == [Status.OK] * 2
+        assert noisy.pin(noisy_keys[:2]) == [Status.OK] * 2
+        for k in range(2, 64, 6):
+            batch = noisy_keys[k:k + 6]
+            assert noisy.put(batch, [blob] * len(batch)) == [Status.OK] * len(batch)
+            assert _namespace(noisy, s, "noisy")["bytes"] <= 8 * MiB
+        ns = _namespace(noisy, s, "noisy")
+        assert ns["quota_bytes"] == 8 * MiB and ns["evictions"] >= 50
+        assert noisy.stats()[s.address]["counters"]["evictions_quota"] == ns["evictions"]
+        assert noisy.exists(noisy_keys[:2]) == [True, True], "pinned blocks are kept"
+        assert all(noisy.exists(noisy_keys[-6:])), "the newest are kept"
+        assert _namespace(quiet, s, "quiet")["evictions"] == 0
+        assert _namespace(quiet, s, "quiet")["quota_bytes"] is None
+    s.kill9()
+    s.start()
+    with s.client("quiet") as quiet, s.client("noisy") as noisy:
+        bufs = [bytearray(MiB) for _ in quiet_keys]
+        assert quiet.get(quiet_keys, bufs) == [Status.OK] * 16
+        assert [bytes(b) for b in bufs] == quiet_data
+        more = [f"noisy/after/{i}".encode() for i in range(24)]
+        for k in range(0, 24, 6):
+            assert noisy.put(more[k:k + 6], [blob] * 6) == [Status.OK] * 6
+            assert _namespace(noisy, s, "noisy")["bytes"] <= 8 * MiB
+        assert noisy.exists(noisy_keys[:2]) == [True, True]
+        assert quiet.exists(quiet_keys) == [True] * 16
+
+
+def test_a_quota_full_of_pinned_blocks_is_back_pressure_and_a_block_above_it_is_refused(memkv_server):
+    s = memkv_server(capacity="64MiB", extra=["--max-block", "8MiB", "--quota", "*=4MiB"])
+    with s.client() as c:
+        keys = [f"p/{i}".encode() for i in range(4)]
+        assert c.put(keys, [os.urandom(MiB)] * 4) == [Status.OK] * 4
+        assert c.pin(keys) == [Status.OK] * 4
+        assert c.put([b"one-more"], [os.urandom(MiB)]) == [Status.FULL]
+        assert c.unpin(keys[:1]) == [Status.OK]
+        assert c.put([b"one-more"], [os.urandom(MiB)]) == [Status.OK]
+        assert c.exists(keys) == [False, True, True, True]
+        big = os.urandom(5 * MiB)  # within the block-size range, above the quota
+        assert c.put([b"bigger-than-the-quota"], [big]) == [Status.BAD_LENGTH]
+        assert _namespace(c, s)["quota_bytes"] == 4 * MiB

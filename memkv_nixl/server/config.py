@@ -36,6 +36,7 @@ class ServerConfig:
     io_threads: int = 4
     ram_cache: int = 1 << 30          # DRAM read cache for hot blocks; 0: off
     idle_timeout: float = 300.0
+    quota: dict = dataclasses.field(default_factory=dict)  # namespace (or "*": any other) -> bytes
     log_level: str = "INFO"
 
     @property
@@ -126,7 +127,31 @@ def load(config_file: str | None, overrides: dict) -> ServerConfig:
         values["data"] = [values["data"]]
     for k in _SIZE_FIELDS & values.keys():
         values[k] = parse_size(values[k], k.replace("_", "-"))
+    if "quota" in values:
+        values["quota"] = parse_quotas(values["quota"])
     return ServerConfig(**values)
+
+
+def parse_quotas(raw) -> dict[str, int]:
+    """--quota NAMESPACE=SIZE (repeatable), or in TOML a table {namespace = size} or a list of
+    "NAMESPACE=SIZE"; the namespace "*" stands for every namespace not named."""
+    items = raw.items() if isinstance(raw, dict) else []
+    if isinstance(raw, (list, tuple)):
+        items = []
+        for entry in raw:
+            ns, eq, size = str(entry).rpartition("=")
+            if not eq or not ns:
+                raise ConfigError(f"quota {entry!r}: expected NAMESPACE=SIZE, e.g. "
+                                  "llama3-8b/bf16/p16/tp0=200GiB or *=50GiB")
+            items.append((ns, size))
+    elif not isinstance(raw, dict):
+        raise ConfigError(f"quota: expected NAMESPACE=SIZE entries, got {raw!r}")
+    out = {}
+    for ns, size in items:
+        out[ns] = parse_size(size, f"quota of namespace {ns!r}")
+        if out[ns] <= 0:
+            raise ConfigError(f"quota of namespace {ns!r} must be above 0")
+    return out
 
 
 def _default_share(path: str, dirs_on_fs: collections.Counter) -> int:

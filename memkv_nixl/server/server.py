@@ -51,7 +51,7 @@ class Server:
         native.io_start(cfg.io_threads)
         self.store = Store(cfg.data_files(), cfg.meta_dir, cfg.capacity,
                            sync=cfg.durability == "sync", min_block=cfg.min_block,
-                           max_block=cfg.max_block, ram_cache=cfg.ram_cache)
+                           max_block=cfg.max_block, ram_cache=cfg.ram_cache, quotas=cfg.quota)
         host, port = cfg.host_port
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self.sock = socket.socket(family, socket.SOCK_STREAM)

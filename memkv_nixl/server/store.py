@@ -74,15 +74,21 @@ class Entry:
 
 
 class Namespace:
-    __slots__ = ("id", "name", "index", "bytes", "pinned", "hits", "misses", "puts", "evictions")
+    __slots__ = ("id", "name", "index", "bytes", "pinned", "hits", "misses", "puts", "evictions",
+                 "quota", "reserved", "order")
 
-    def __init__(self, ns_id: int, name: str):
+    def __init__(self, ns_id: int, name: str, quota: int = 0):
         self.id = ns_id
         self.name = name
         self.index: dict[bytes, Entry] = {}
         self.bytes = 0   # payload bytes of the blocks in the index
         self.pinned = 0  # pinned blocks in the index
         self.hits = self.misses = self.puts = self.evictions = 0
+        self.quota = quota    # most payload bytes it may hold; 0: no quota
+        self.reserved = 0     # payload bytes of its puts in flight (counted against the quota)
+        # with a quota: its blocks in commit order, the CLOCK it evicts from at its quota (entries
+        # evicted, deleted or replaced meanwhile are skipped there lazily)
+        self.order: collections.deque[Entry] | None = collections.deque() if quota else None
 
 
 class DataFile:
@@ -188,8 +194,9 @@ def _write_aligned(fd: int, off: int, data: bytes) -> None:
 
 class Store:
     def __init__(self, data_paths: list[str], meta_dir: str, capacity: int, *, sync: bool,
-                 min_block: int, max_block: int, ram_cache: int = 0):
+                 min_block: int, max_block: int, ram_cache: int = 0, quotas: dict | None = None):
         self.sync = sync
+        self.quotas = dict(quotas or {})
         self.ram = RamCache(ram_cache)
         self.min_block = min_block
         self.max_block = max_block
@@ -253,7 +260,7 @@ class Store:
         return ns.id
 
     def _add_namespace(self, ns_id: int, name: str) -> Namespace:
-        ns = Namespace(ns_id, name)
+        ns = Namespace(ns_id, name, self.quotas.get(name, self.quotas.get("*", 0)))
         self.namespaces[ns_id] = ns
         self._ns_by_name[name] = ns
         return ns
@@ -277,15 +284,22 @@ class Store:
                 status = Status.OK
                 action = native.ACT_DRAIN
                 if replace or key not in ns.index:
-                    placed = self._allocate(record_length(length))
-                    if placed is None:
+                    placed = None
+                    if ns.quota and length > ns.quota:
+                        status = Status.BAD_LENGTH  # can never fit its namespace
+                    elif ns.quota and not self._make_room(ns, length):
                         status = Status.FULL
                     else:
+                        placed = self._allocate(record_length(length))
+                        if placed is None:
+                            status = Status.FULL
+                    if placed is not None:
                         f, off = placed
                         e = Entry(ns, key, f, off, length, 0, self._take_seq())
                         e.busy = 1
                         e.ref = True  # CLOCK: a new block is referenced
                         e.replace = replace
+                        ns.reserved += length
                         f.ring.append(e)
                         self._used += e.reclen
                         entries[i] = e
@@ -334,6 +348,10 @@ class Store:
         ns.index[e.key] = e
         ns.bytes += e.len
         ns.puts += 1
+        if ns.order is not None:
+            ns.order.append(e)
+            if len(ns.order) > 2 * len(ns.index) + 1024:  # mostly entries gone by other ways
+                ns.order = collections.deque(x for x in ns.order if ns.index.get(x.key) is x)
         if not e.behind:
             self._journal_put(e)
         return True
@@ -357,6 +375,7 @@ class Store:
                 if e is None:
                     continue
                 e.busy -= 1
+                e.ns.reserved -= e.len
                 if statuses[i] == Status.OK and not e.live:  # its write-behind failed already
                     statuses[i] = Status.IO_ERROR
                 committed = self._commit_one(e, results[i], ios, i)
@@ -450,6 +469,26 @@ class Store:
                 f.head = end
                 return off
         return None
+
+    def _make_room(self, ns: Namespace, length: int) -> bool:
+        """Below its quota with `length` more bytes, evicting the namespace's own blocks by CLOCK
+        (pinned ones, ones in use and ones read since the last pass keep their place)."""
+        over = ns.bytes + ns.reserved + length - ns.quota
+        order = ns.order
+        passes = 2 * len(order)  # the first pass may only clear reference bits
+        while over > 0 and passes:
+            passes -= 1
+            e = order.popleft()
+            if ns.index.get(e.key) is not e:
+                continue  # evicted, deleted or replaced meanwhile
+            if e.pinned or e.busy or e.ref:
+                e.ref = False
+                order.append(e)
+                continue
+            self._evict(e)
+            self.counters["evictions_quota"] += 1
+            over -= e.len
+        return over <= 0
 
     def _retire(self, e: Entry) -> None:
         """e no longer holds its place in the ring (evicted, deleted, dropped, replaced, or never
@@ -584,7 +623,7 @@ class Store:
         with self._lock:
             nss = {ns.name: {"blocks": len(ns.index), "bytes": ns.bytes, "hits": ns.hits,
                              "misses": ns.misses, "puts": ns.puts, "evictions": ns.evictions,
-                             "pinned": ns.pinned}
+                             "pinned": ns.pinned, "quota_bytes": ns.quota or None}
                    for ns in self.namespaces.values() if ns_id is None or ns.id == ns_id}
             return {"capacity_bytes": sum(f.size - SUPERBLOCK_LEN for f in self.files),
                     "used_bytes": self._used, "blocks": sum(len(ns.index) for ns in self.namespaces.values()),
@@ -707,6 +746,8 @@ class Store:
             self._rebuild_ring(f, heads.get(f))
         for ns in self.namespaces.values():
             ns.pinned = sum(1 for e in ns.index.values() if e.pinned)
+            if ns.order is not None:
+                ns.order.extend(sorted(ns.index.values(), key=lambda e: e.seq))
         self.checkpoint()  # the next start reads one compact checkpoint
         return sum(len(ns.index) for ns in self.namespaces.values())
 
