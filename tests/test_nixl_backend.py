@@ -1,5 +1,6 @@
 """The NIXL backend MEMKV, driven through real nixl_agent objects of the installed wheel."""
 import os
+import signal
 import threading
 import time
 import tomllib
@@ -87,6 +88,50 @@ def test_query_memory_answers_present_absent_and_evicted(memkv_server, nixl_agen
         for k in range(0, 32, 8):
             c.put([f"fill/{i}".encode() for i in range(k, k + 8)], [bytes(MiB)] * 8)
     assert nixl_agent.query_memory(query, "MEMKV", "OBJ") == [None, None, None]
+
+
+def test_a_pool_of_servers_places_keys_as_the_python_client_does(memkv_server, nixl_agent):
+    """Three servers: one transfer fans out to all of them at once; each block lands on the server
+    the Python client names for its key (one placement for every client), and reads back equal.
+    A killed server fails the transfers that need it, and only those."""
+    servers = [memkv_server(f"s{i}") for i in range(3)]
+    nixl_agent.memkv(servers[0], endpoints=",".join(s.endpoint for s in servers), timeout_ms=3000)
+    n, size = 24, 512 * KiB
+    src, dst = blocks(n, size, seed=9), torch.zeros(n, size, dtype=torch.uint8)
+    keys = [f"pool/{i}" for i in range(n)]
+    remote, (lsrc, ldst) = obj_setup(nixl_agent, keys, size, src, dst)
+    assert nixl_agent.xfer("WRITE", lsrc, remote) == "DONE"
+    assert nixl_agent.xfer("READ", ldst, remote) == "DONE" and torch.equal(src, dst)
+    with Client([s.endpoint for s in servers], namespace="nixl-test") as c:
+        owner = {k: c.server_of(k.encode()) for k in keys}
+    for s in servers:
+        with s.client("nixl-test") as c:
+            mine = [k for k in keys if owner[k] == s.address]
+            assert mine and c.exists([k.encode() for k in keys]) == [k in mine for k in keys]
+    # a server that hangs fails the transfer, and meanwhile the others take their blocks
+    stalled = [f"pool/stalled/{i}" for i in range(n)]
+    nixl_agent.register_memory([(0, size, 100 + i, k) for i, k in enumerate(stalled)], "OBJ",
+                               backends=["MEMKV"])
+    remote_stalled = nixl_agent.get_xfer_descs([(0, size, 100 + i) for i in range(n)], "OBJ")
+    with Client([s.endpoint for s in servers], namespace="nixl-test") as c:
+        owner.update({k: c.server_of(k.encode()) for k in stalled})
+    os.kill(servers[1].proc.pid, signal.SIGSTOP)
+    try:
+        assert nixl_agent.xfer("WRITE", lsrc, remote_stalled) == "ERR"
+    finally:
+        os.kill(servers[1].proc.pid, signal.SIGCONT)
+    for s in (servers[0], servers[2]):
+        with s.client("nixl-test") as c:
+            mine = [k.encode() for k in stalled if owner[k] == s.address]
+            assert c.exists(mine) == [True] * len(mine)
+    servers[1].kill9()
+    alive = [i for i, k in enumerate(keys) if owner[k] != servers[1].address]
+    remote_alive = nixl_agent.get_xfer_descs([(0, size, i) for i in alive], "OBJ")
+    local_alive = nixl_agent.get_xfer_descs([(dst[i].data_ptr(), size, 0) for i in alive], "DRAM")
+    dst.zero_()
+    assert nixl_agent.xfer("READ", ldst, remote) == "ERR"
+    assert nixl_agent.xfer("READ", local_alive, remote_alive) == "DONE"
+    assert all(torch.equal(src[i], dst[i]) for i in alive)
 
 
 def test_read_of_a_missing_key_fails_the_transfer_without_touching_the_buffer(server, nixl_agent):

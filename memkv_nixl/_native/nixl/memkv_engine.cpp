@@ -9,8 +9,8 @@
 //            (host + real path), and each (offset, length) written becomes the block
 //            "<region>@<offset>" (replacing what was there, as a file write would).
 // postXfer hands the whole batch to an engine thread and returns IN_PROG; checkXfer polls;
-// releaseReqH cancels an in-flight transfer by shutting its socket down. No exception ever
-// leaves this file: every entry point returns a status.
+// releaseReqH cancels an in-flight transfer by shutting its sockets down (one per server, served
+// at once). No exception ever leaves this file: every entry point returns a status.
 #include <algorithm>
 #include <atomic>
 #include <cctype>
@@ -106,10 +106,11 @@ struct Job {
     std::vector<uint64_t> ptrs, lens;
     std::atomic<int> status{NIXL_ERR_NOT_POSTED};
     std::atomic<bool> abandoned{false};
-    std::mutex mu;                 // guards active_fd, active_cma and running
+    std::mutex mu;                 // guards active and running
     std::condition_variable cv;
-    int active_fd = -1;
-    bool active_cma = false;       // the server copies into caller memory itself (same host)
+    // sockets in use, one per server being served (fd, cma: the server copies into caller memory
+    // itself, on the same host)
+    std::vector<std::pair<int, bool>> active;
     bool running = false;
 };
 
@@ -286,8 +287,8 @@ public:
             // stops it before its next copy, and the worker reads on until the server has closed
             std::unique_lock<std::mutex> g(job->mu);
             job->abandoned = true;
-            if (job->active_fd >= 0) ::shutdown(job->active_fd, job->active_cma ? SHUT_WR : SHUT_RDWR);
-            job->cv.wait(g, [&] { return !job->running || job->active_fd < 0; });
+            for (auto &a : job->active) ::shutdown(a.first, a.second ? SHUT_WR : SHUT_RDWR);
+            job->cv.wait(g, [&] { return !job->running || job->active.empty(); });
         }
         delete req;
         return NIXL_SUCCESS;
@@ -470,7 +471,7 @@ private:
             std::lock_guard<std::mutex> g(job->mu);
             job->status = status;
             job->running = false;
-            job->active_fd = -1;
+            job->active.clear();
             job->cv.notify_all();
         }
     }
@@ -526,78 +527,99 @@ private:
         return status;
     }
 
+    // Each server's keys on their own thread: a batch takes as long as its slowest server, not the
+    // sum of them. The first non-success, in server order, is the transfer's status.
     int run_transfer(Job &job) const {
         auto groups = place(job);
+        std::vector<size_t> used;
+        for (size_t s = 0; s < groups.size(); s++)
+            if (!groups[s].empty()) used.push_back(s);
+        std::vector<int> results(used.size(), NIXL_SUCCESS);
+        std::vector<std::thread> others;
+        others.reserve(used.size());
+        std::vector<size_t> here = {0};  // run on this thread: the first, and any without a thread
+        for (size_t u = 1; u < used.size(); u++) {
+            try {
+                others.emplace_back([&, u] { results[u] = run_group(job, used[u], groups[used[u]]); });
+            } catch (...) {
+                here.push_back(u);
+            }
+        }
+        for (size_t u : here)
+            if (u < used.size()) results[u] = run_group(job, used[u], groups[used[u]]);
+        for (auto &t : others) t.join();
+        for (int r : results)
+            if (r != NIXL_SUCCESS) return r;
+        return NIXL_SUCCESS;
+    }
+
+    int run_group(Job &job, size_t s, const std::vector<size_t> &idx) const {
         int result = NIXL_SUCCESS;
-        for (size_t s = 0; s < groups.size() && result == NIXL_SUCCESS; s++) {
-            if (groups[s].empty()) continue;
-            Endpoint &ep = *cfg_.endpoints[s];
-            memkv_conn c;
-            std::string err;
-            if (!acquire(ep, c, err)) {
-                logf("transfer failed: %s%s", err);
-                return NIXL_ERR_BACKEND;
+        Endpoint &ep = *cfg_.endpoints[s];
+        memkv_conn c;
+        std::string err;
+        if (!acquire(ep, c, err)) {
+            logf("transfer failed: %s%s", err);
+            return NIXL_ERR_BACKEND;
+        }
+        {
+            std::lock_guard<std::mutex> g(job.mu);
+            if (job.abandoned) {
+                release(ep, c, true);
+                return NIXL_ERR_CANCELED;
             }
-            {
-                std::lock_guard<std::mutex> g(job.mu);
+            job.active.emplace_back(c.fd, c.cma != 0);
+        }
+        bool healthy = true;
+        size_t step = c.max_batch ? c.max_batch : 1024;
+        for (size_t k = 0; k < idx.size() && result == NIXL_SUCCESS; k += step) {
+            size_t m = std::min(step, idx.size() - k);
+            std::string blob;
+            std::vector<uint16_t> klen(m);
+            std::vector<uint64_t> ptrs(m), lens(m), got(m);
+            std::vector<uint8_t> st(m);
+            for (size_t j = 0; j < m; j++) {
+                size_t i = idx[k + j];
+                blob += job.keys[i];
+                klen[j] = (uint16_t)job.keys[i].size();
+                ptrs[j] = job.ptrs[i];
+                lens[j] = job.lens[i];
+            }
+            char msg[512] = {0};
+            int rc = job.op == NIXL_WRITE
+                ? memkv_conn_put(&c, (uint32_t)m, (const uint8_t *)blob.data(), klen.data(), ptrs.data(),
+                                 lens.data(), job.replace ? MEMKV_PUT_REPLACE : 0, st.data(), msg, sizeof msg)
+                : memkv_conn_get(&c, (uint32_t)m, (const uint8_t *)blob.data(), klen.data(), ptrs.data(),
+                                 lens.data(), cfg_.verify, st.data(), got.data(), msg, sizeof msg);
+            if (rc != 0) {
+                healthy = false;
                 if (job.abandoned) {
-                    release(ep, c, true);
-                    return NIXL_ERR_CANCELED;
-                }
-                job.active_fd = c.fd;
-                job.active_cma = c.cma;
-            }
-            bool healthy = true;
-            const auto &idx = groups[s];
-            size_t step = c.max_batch ? c.max_batch : 1024;
-            for (size_t k = 0; k < idx.size() && result == NIXL_SUCCESS; k += step) {
-                size_t m = std::min(step, idx.size() - k);
-                std::string blob;
-                std::vector<uint16_t> klen(m);
-                std::vector<uint64_t> ptrs(m), lens(m), got(m);
-                std::vector<uint8_t> st(m);
-                for (size_t j = 0; j < m; j++) {
-                    size_t i = idx[k + j];
-                    blob += job.keys[i];
-                    klen[j] = (uint16_t)job.keys[i].size();
-                    ptrs[j] = job.ptrs[i];
-                    lens[j] = job.lens[i];
-                }
-                char msg[512] = {0};
-                int rc = job.op == NIXL_WRITE
-                    ? memkv_conn_put(&c, (uint32_t)m, (const uint8_t *)blob.data(), klen.data(), ptrs.data(),
-                                     lens.data(), job.replace ? MEMKV_PUT_REPLACE : 0, st.data(), msg, sizeof msg)
-                    : memkv_conn_get(&c, (uint32_t)m, (const uint8_t *)blob.data(), klen.data(), ptrs.data(),
-                                     lens.data(), cfg_.verify, st.data(), got.data(), msg, sizeof msg);
-                if (rc != 0) {
-                    healthy = false;
-                    if (job.abandoned) {
-                        result = NIXL_ERR_CANCELED;
-                        break;
-                    }
-                    logf("transfer failed: %s%s", rc == 1 ? std::string(msg) : std::string(std::strerror(-rc)));
-                    if (rc < 0) mark_down(ep, std::strerror(-rc));
-                    result = NIXL_ERR_BACKEND;
+                    result = NIXL_ERR_CANCELED;
                     break;
                 }
-                for (size_t j = 0; j < m && result == NIXL_SUCCESS; j++) {
-                    if (st[j] == MEMKV_ST_MISS) {
-                        result = NIXL_ERR_NOT_FOUND;
-                    } else if (st[j] != MEMKV_ST_OK) {
-                        logf("key %s failed with memkv status %s", job.keys[idx[k + j]], std::to_string(st[j]));
-                        result = NIXL_ERR_BACKEND;
-                    } else if (job.op == NIXL_READ && got[j] != lens[j]) {
-                        logf("key %s holds a block of another length%s", job.keys[idx[k + j]]);
-                        result = NIXL_ERR_MISMATCH;
-                    }
+                logf("transfer failed: %s%s", rc == 1 ? std::string(msg) : std::string(std::strerror(-rc)));
+                if (rc < 0) mark_down(ep, std::strerror(-rc));
+                result = NIXL_ERR_BACKEND;
+                break;
+            }
+            for (size_t j = 0; j < m && result == NIXL_SUCCESS; j++) {
+                if (st[j] == MEMKV_ST_MISS) {
+                    result = NIXL_ERR_NOT_FOUND;
+                } else if (st[j] != MEMKV_ST_OK) {
+                    logf("key %s failed with memkv status %s", job.keys[idx[k + j]], std::to_string(st[j]));
+                    result = NIXL_ERR_BACKEND;
+                } else if (job.op == NIXL_READ && got[j] != lens[j]) {
+                    logf("key %s holds a block of another length%s", job.keys[idx[k + j]]);
+                    result = NIXL_ERR_MISMATCH;
                 }
             }
-            {
-                std::lock_guard<std::mutex> g(job.mu);
-                job.active_fd = -1;
-            }
-            release(ep, c, healthy);
         }
+        {
+            std::lock_guard<std::mutex> g(job.mu);
+            job.active.erase(std::find(job.active.begin(), job.active.end(), std::make_pair(c.fd, c.cma != 0)));
+            job.cv.notify_all();
+        }
+        release(ep, c, healthy);
         return result;
     }
 
