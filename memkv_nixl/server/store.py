@@ -211,6 +211,8 @@ class Store:
         self.startup_s = 0.0
         self._closed = False
         self._jfd = None
+        self._jtorn = False     # the open journal may not be appended to (see _append_journal)
+        self._jfailing = False  # the last journal write failed (logged once until one succeeds)
         t0 = time.monotonic()
         os.makedirs(meta_dir, exist_ok=True)
         self._owner_fd = os.open(os.path.join(meta_dir, "lock"), os.O_RDWR | os.O_CREAT, 0o600)
@@ -368,8 +370,15 @@ class Store:
         results = ios[native.IO_RESULT_AT::native.IO.size]
         actions = ios[native.IO_ACTION_AT::native.IO.size]
         if self.sync:
-            for fd in {e.file.fd for e in entries if e is not None}:
-                os.fdatasync(fd)
+            try:
+                for fd in {e.file.fd for e in entries if e is not None}:
+                    os.fdatasync(fd)
+            except OSError as err:  # the disk may not hold them: none of them is stored
+                self.counters["put_sync_errors"] += 1
+                log.error("fdatasync of a data path failed (%s): %d put(s) answered IO_ERROR",
+                          err.strerror, sum(e is not None for e in entries))
+                results = bytes(native.RES_IO if e is not None else r for e, r in zip(entries, results))
+                statuses = [Status.IO_ERROR if e is not None else st for e, st in zip(entries, statuses)]
         with self._lock:
             for i, e in enumerate(entries):
                 if e is None:
@@ -384,8 +393,18 @@ class Store:
                 if actions[i] == native.ACT_BEHIND and results[i] == native.RES_PRESET:
                     self._written(e.seq, -errno.ECANCELED)  # never started: no report follows
         if self.sync:
-            self._flush_journal(True)
+            self._flush_durably(statuses)
         return statuses
+
+    def _flush_durably(self, statuses: list) -> None:
+        """Sync mode: flush the journal before the reply. If that fails, no OK may be sent: not
+        for what this batch changed, nor for a put that found its key present (it is durable only
+        once the journal holding it is). Their records stay pending: what a later flush writes
+        takes effect, as a write answered with an error may."""
+        try:
+            self._flush_journal(True)
+        except OSError:
+            statuses[:] = [Status.IO_ERROR if st == Status.OK else st for st in statuses]
 
     # ---- write-behind (async) ----------------------------------------------------------------
     def _write_behind_loop(self) -> None:
@@ -616,7 +635,7 @@ class Store:
                     apply(e)
                     out.append(Status.OK)
         if self.sync:
-            self._flush_journal(True)
+            self._flush_durably(out)
         return out
 
     def stats(self, ns_id: int | None = None) -> dict:
@@ -640,55 +659,114 @@ class Store:
         _pack_meta(self._jbuf, kind, ns_id, key, file, seq, off, length, csum, flags)
 
     def _flush_journal(self, durable: bool) -> None:
+        """Append the pending records (and flush them to disk when durable). On failure (e.g. the
+        meta dir is full) it raises OSError, the journal file keeps only whole records and the
+        records stay pending, ahead of newer ones, for the next flush."""
         with self._jlock:
             with self._lock:
                 data, self._jbuf = self._jbuf, bytearray()
-            if data:
-                _seal_meta(data)
-                os.write(self._jfd, data)
-                self._jsize += len(data)
-            if durable and (data or self._jdirty):
-                os.fdatasync(self._jfd)
-                self._jdirty = False
-            elif data:
-                self._jdirty = True
+            try:
+                if self._jtorn:
+                    self._checkpoint_locked()  # a failed write could not be rolled back
+                    data = bytearray()  # what it held is in the checkpoint
+                if data:
+                    _seal_meta(data)
+                    self._append_journal(data)
+                if durable and (data or self._jdirty):
+                    os.fdatasync(self._jfd)
+                    self._jdirty = False
+                elif data:
+                    self._jdirty = True
+            except OSError as e:
+                with self._lock:
+                    self._jbuf[:0] = data  # still pending (sealed again before the next write)
+                self.counters["journal_errors"] += 1
+                if not self._jfailing:
+                    log.error("journal write to %s failed (%s): sync puts, deletes and pins are "
+                              "answered IO_ERROR until it succeeds; free space in --meta-dir %s",
+                              self._journal_path, e.strerror, self.meta_dir)
+                self._jfailing = True
+                raise
+            if self._jfailing:
+                log.warning("journal writes to %s succeed again", self._journal_path)
+                self._jfailing = False
             big = self._jsize > CHECKPOINT_JOURNAL_BYTES
         if big:
-            self.checkpoint()
+            try:
+                self.checkpoint()
+            except OSError as e:  # the journal goes on growing; the next flush tries again
+                log.error("checkpoint to %s failed (%s); free space in --meta-dir %s",
+                          self._ckpt_path, e.strerror, self.meta_dir)
+
+    def _append_journal(self, data: bytearray) -> None:
+        """All of data at the journal's end, or nothing: a torn record would hide every record
+        after it from recovery."""
+        start = JOURNAL_HDR.size + self._jsize
+        done = 0
+        try:
+            with memoryview(data) as view:
+                while done < len(data):
+                    done += os.write(self._jfd, view[done:])
+        except OSError:
+            if done:
+                try:
+                    os.ftruncate(self._jfd, start)
+                except OSError:
+                    self._jtorn = True  # the next flush starts a fresh journal (a checkpoint) first
+            raise
+        self._jsize += len(data)
 
     def _flush_loop(self) -> None:
         while not self._stop.wait(ASYNC_FLUSH_S):
             try:
                 self._flush_journal(True)
-            except OSError as e:  # keep serving; the next flush retries
-                log.error("journal flush failed: %s", e)
+            except OSError:
+                pass  # logged once by _flush_journal; its records are retried a second later
 
     # ---- checkpoint and recovery ----------------------------------------------------------------
     def checkpoint(self) -> None:
         """Write the whole index as a new checkpoint and start a fresh journal."""
-        with self._jlock, self._lock:
+        with self._jlock:
+            self._checkpoint_locked()
+
+    def _checkpoint_locked(self) -> None:
+        with self._lock:
+            pending = self._jbuf
             self._jbuf = bytearray()  # pending records are part of the index the checkpoint holds
-            records = bytearray()
-            for ns in self.namespaces.values():
-                _pack_meta(records, MetaType.NAMESPACE, ns.id, ns.name.encode())
-            count = len(self.namespaces)
-            for ns in self.namespaces.values():
-                for e in ns.index.values():
-                    if e.behind:
-                        continue  # journaled once it is on disk
-                    _pack_meta(records, MetaType.PUT, ns.id, e.key, e.file.number, e.seq, e.off,
-                               e.len, e.csum, FLAG_PINNED if e.pinned else 0)
-                    count += 1
-            _seal_meta(records)
-            next_id = self._journal_id + 1
-            head = CKPT_HDR.pack(CKPT_MAGIC, FORMAT_VERSION, 0, self._journal_id, self._next_seq,
-                                 len(self.files), count)
-            head += b"".join(CKPT_FILE.pack(f.uuid, f.head) for f in self.files)
-            body = head + records
-            body += CKPT_TRAILER.pack(native.xxh3(body))
-            _atomic_write(self._ckpt_path, body)
-            self._open_journal(next_id)
-            log.info("checkpoint: %d records, %.1f MiB, journal %d", count, len(body) / 2**20, next_id)
+            try:
+                self._write_checkpoint()
+            except OSError:
+                self._jbuf = pending  # no checkpoint: they are still to be journaled
+                raise
+            try:
+                self._open_journal(self._journal_id + 1)
+            except OSError:
+                self._jtorn = True  # the checkpoint covers the open journal: append nothing to it
+                raise
+
+    def _write_checkpoint(self) -> None:
+        """The whole index as the checkpoint covering the current journal (caller holds both
+        locks)."""
+        records = bytearray()
+        for ns in self.namespaces.values():
+            _pack_meta(records, MetaType.NAMESPACE, ns.id, ns.name.encode())
+        count = len(self.namespaces)
+        for ns in self.namespaces.values():
+            for e in ns.index.values():
+                if e.behind:
+                    continue  # journaled once it is on disk
+                _pack_meta(records, MetaType.PUT, ns.id, e.key, e.file.number, e.seq, e.off,
+                           e.len, e.csum, FLAG_PINNED if e.pinned else 0)
+                count += 1
+        _seal_meta(records)
+        head = CKPT_HDR.pack(CKPT_MAGIC, FORMAT_VERSION, 0, self._journal_id, self._next_seq,
+                             len(self.files), count)
+        head += b"".join(CKPT_FILE.pack(f.uuid, f.head) for f in self.files)
+        body = head + records
+        body += CKPT_TRAILER.pack(native.xxh3(body))
+        _atomic_write(self._ckpt_path, body)
+        log.info("checkpoint: %d records, %.1f MiB, journal %d", count, len(body) / 2**20,
+                 self._journal_id + 1)
 
     def _open_journal(self, journal_id: int) -> None:
         if self._jfd is not None:
@@ -698,6 +776,7 @@ class Store:
         self._journal_id = journal_id
         self._jsize = 0
         self._jdirty = False
+        self._jtorn = False
 
     def _recover(self) -> int:
         by_uuid = {f.uuid: f for f in self.files}
@@ -748,7 +827,11 @@ class Store:
             ns.pinned = sum(1 for e in ns.index.values() if e.pinned)
             if ns.order is not None:
                 ns.order.extend(sorted(ns.index.values(), key=lambda e: e.seq))
-        self.checkpoint()  # the next start reads one compact checkpoint
+        try:
+            self.checkpoint()  # the next start reads one compact checkpoint
+        except OSError as e:
+            raise StoreError(f"cannot write the index checkpoint in {self.meta_dir}: {e.strerror}; "
+                             "free space there") from e
         return sum(len(ns.index) for ns in self.namespaces.values())
 
     def _replay(self, records: memoryview, files: dict) -> int:
@@ -811,8 +894,12 @@ class Store:
                               "lost", len(self._behind))
             self._behind_thread.join(1)
         self._flusher.join()
-        self._flush_journal(True)
-        self.checkpoint()
+        try:
+            self._flush_journal(True)
+            self.checkpoint()
+        except OSError as e:
+            log.error("stopping without a final checkpoint (%s): the next start replays the "
+                      "journal; records not yet in it are lost", e.strerror)
         os.close(self._jfd)
         for f in self.files:
             os.close(f.fd)
@@ -838,11 +925,18 @@ def _seal_meta(buf: bytearray) -> None:
 
 def _atomic_write(path: str, data: bytes) -> None:
     tmp = path + ".tmp"
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except OSError:
+        try:
+            os.unlink(tmp)  # e.g. a full meta dir: leave no partial file taking its space
+        except OSError:
+            pass
+        raise
     dfd = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
     try:
         os.fsync(dfd)
