@@ -18,7 +18,7 @@ def _serve(a) -> None:
                  "listen_unix": a.listen_unix,
                  "durability": a.durability, "secret_file": a.secret_file, "min_block": a.min_block,
                  "max_block": a.max_block, "meta_dir": a.meta_dir, "io_threads": a.io_threads,
-                 "ram_cache": a.ram_cache, "quota": a.quota}
+                 "ram_cache": a.ram_cache, "quota": a.quota, "staging_memory": a.staging_memory}
     cfg = config.load(a.config, overrides).resolved()
     logging.getLogger().setLevel(cfg.log_level)
     run(cfg)
@@ -104,6 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--io-threads", type=int, help="O_DIRECT I/O threads (default 4)")
     s.add_argument("--ram-cache", help="DRAM cache for hot blocks (and, with async durability, the "
                    "write-behind buffer), e.g. 4GiB (default 1GiB; 0: off)")
+    s.add_argument("--staging-memory", help="aligned buffers that requests in flight stage blocks "
+                   "in, kept for reuse up to this much in all (default 512MiB); a connection "
+                   "holds one only during a request")
     s.add_argument("--quota", action="append", metavar="NAMESPACE=SIZE",
                    help="most payload bytes a namespace may hold (repeatable; '*=SIZE' for every "
                         "namespace not named); at its quota a namespace's own least recently used "

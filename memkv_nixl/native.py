@@ -170,6 +170,17 @@ def io_start(threads: int) -> None:
     _check(lib.memkv_io_start(threads), "start I/O threads")
 
 
+def staging_limit(nbytes: int) -> None:
+    """Staging buffers of all connections: kept for reuse while at most nbytes are allocated."""
+    lib.memkv_staging_limit(nbytes)
+
+
+def staging_stats() -> dict:
+    allocated, kept = ffi.new("uint64_t *"), ffi.new("uint64_t *")
+    lib.memkv_staging_stats(allocated, kept)
+    return {"allocated_bytes": allocated[0], "kept_bytes": kept[0]}
+
+
 class Arena:
     """Aligned staging buffers of one server connection."""
 

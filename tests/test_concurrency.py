@@ -67,3 +67,42 @@ def test_one_client_shared_by_threads(server):
         for t in threads:
             t.join(60)
         assert results == [True] * 24
+
+
+def _rss_mib(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
+
+
+def test_idle_connections_hold_no_staging_memory(memkv_server):
+    """16 connections each put and get 32 MiB batches at once, then stay open, idle: the server
+    keeps at most --staging-memory of staging buffers (before, each connection kept its own,
+    16 x 32 MiB here), and every byte comes back equal."""
+    s = memkv_server(capacity="1GiB", extra=["--staging-memory", "64MiB"])
+    base = _rss_mib(s.proc.pid)
+    MiB = 1 << 20
+    errors = []
+    clients = [Client([s.endpoint], namespace="idle") for _ in range(16)]
+
+    def worker(w):
+        try:
+            keys = [f"i{w}/{j}".encode() for j in range(4)]
+            data = [os.urandom(8 * MiB) for _ in keys]
+            assert clients[w].put(keys, data) == [Status.OK] * 4
+            bufs = [bytearray(8 * MiB) for _ in keys]
+            assert clients[w].get(keys, bufs) == [Status.OK] * 4
+            assert [bytes(b) for b in bufs] == data
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(repr(e))
+
+    threads = [threading.Thread(target=worker, args=(w,)) for w in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors, errors[:3]
+    staging = clients[0].stats()[s.address]["staging"]
+    assert staging["allocated_bytes"] == staging["kept_bytes"] <= 64 * MiB, staging
+    assert _rss_mib(s.proc.pid) - base < 64 + 96, "the idle connections kept their buffers"
+    for c in clients:
+        c.close()

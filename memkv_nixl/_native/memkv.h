@@ -138,7 +138,7 @@ struct memkv_io {
                             BEHIND: the 4 KiB aligned cache slot that holds the whole record */
 };
 
-struct memkv_arena; /* per-connection pool of aligned staging buffers, reused across requests */
+struct memkv_arena; /* one connection's request state; its staging buffer comes from a shared pool */
 struct memkv_behind; /* one store's queue of finished write-behind records */
 
 /* ---- entry points (return 0 or a negative errno unless stated) ------------------------------ */
@@ -180,7 +180,12 @@ int memkv_client_get(int fd, const void *head, size_t head_len, uint32_t n,
 
 /* Start the shared O_DIRECT I/O thread pool (idempotent). */
 int memkv_io_start(int nthreads);
-/* Staging buffers for one connection; budget = bytes it may keep for blocks in flight. */
+/* Staging memory of all connections together (aligned buffers, held only while a request runs):
+   returned buffers are kept for reuse while at most `bytes` is allocated in all. */
+void memkv_staging_limit(uint64_t bytes);
+/* Bytes of staging memory allocated now, and of those the ones kept free for reuse. */
+void memkv_staging_stats(uint64_t *allocated, uint64_t *kept);
+/* Request state of one connection; budget = staging bytes a request may use for blocks in flight. */
 struct memkv_arena *memkv_arena_new(uint64_t budget);
 void memkv_arena_free(struct memkv_arena *a);
 /* Server PUT: receive the payloads of ios[0..n) and write STORE records to disk, overlapping

@@ -390,10 +390,95 @@ static void wait_job(struct batch *b, struct job *j) {
     pthread_mutex_unlock(&b->mu);
 }
 
-/* ---- arena ---------------------------------------------------------------------------------- */
-struct memkv_arena {
+/* ---- staging memory ---------------------------------------------------------------------------
+   Aligned buffers that requests stage records in. A connection holds one only while a request
+   runs, so idle connections (a fleet keeps hundreds open) hold none. Returned buffers stay
+   allocated, already faulted in, for the next request of any connection, as long as all of them
+   together stay within the limit; a request never waits for staging memory. */
+struct stage_buf {
+    struct stage_buf *next;
     void *mem;
     size_t size;
+};
+static struct {
+    pthread_mutex_t mu;
+    uint64_t limit, allocated, kept; /* kept: bytes of the free buffers */
+    struct stage_buf *free;
+} stage = {PTHREAD_MUTEX_INITIALIZER, 1ull << 30, 0, 0, NULL};
+
+/* Release the largest free buffers while more than the limit is allocated (caller holds mu). */
+static void stage_trim(void) {
+    while (stage.allocated > stage.limit && stage.free) {
+        struct stage_buf **big = &stage.free;
+        for (struct stage_buf **pp = &stage.free; *pp; pp = &(*pp)->next)
+            if ((*pp)->size > (*big)->size) big = pp;
+        struct stage_buf *b = *big;
+        *big = b->next;
+        stage.allocated -= b->size;
+        stage.kept -= b->size;
+        free(b->mem);
+        free(b);
+    }
+}
+
+void memkv_staging_limit(uint64_t bytes) {
+    pthread_mutex_lock(&stage.mu);
+    stage.limit = bytes;
+    stage_trim();
+    pthread_mutex_unlock(&stage.mu);
+}
+
+void memkv_staging_stats(uint64_t *allocated, uint64_t *kept) {
+    pthread_mutex_lock(&stage.mu);
+    *allocated = stage.allocated;
+    *kept = stage.kept;
+    pthread_mutex_unlock(&stage.mu);
+}
+
+/* A buffer of at least `need` bytes: the smallest free one that fits (up to twice as large),
+   else a new one. */
+static struct stage_buf *stage_take(size_t need) {
+    pthread_mutex_lock(&stage.mu);
+    struct stage_buf **best = NULL;
+    for (struct stage_buf **pp = &stage.free; *pp; pp = &(*pp)->next)
+        if ((*pp)->size >= need && (*pp)->size <= 2 * need && (!best || (*pp)->size < (*best)->size))
+            best = pp;
+    if (best) {
+        struct stage_buf *b = *best;
+        *best = b->next;
+        stage.kept -= b->size;
+        pthread_mutex_unlock(&stage.mu);
+        return b;
+    }
+    stage.allocated += need;
+    stage_trim(); /* a new size: free ones that no longer fit the limit go */
+    pthread_mutex_unlock(&stage.mu);
+    struct stage_buf *b = malloc(sizeof *b);
+    if (b && !posix_memalign(&b->mem, MEMKV_ALIGN, need)) {
+        b->size = need;
+        return b;
+    }
+    free(b);
+    pthread_mutex_lock(&stage.mu);
+    stage.allocated -= need;
+    pthread_mutex_unlock(&stage.mu);
+    return NULL;
+}
+
+static void stage_give(struct stage_buf *b) {
+    if (!b) return;
+    pthread_mutex_lock(&stage.mu);
+    b->next = stage.free;
+    stage.free = b;
+    stage.kept += b->size;
+    stage_trim();
+    pthread_mutex_unlock(&stage.mu);
+}
+
+/* ---- arena ---------------------------------------------------------------------------------- */
+struct memkv_arena {
+    struct stage_buf *buf; /* held only while a request runs */
+    void *mem;
     uint64_t budget;
     void *drain;
     struct job *jobs;
@@ -409,7 +494,7 @@ struct memkv_arena *memkv_arena_new(uint64_t budget) {
 
 void memkv_arena_free(struct memkv_arena *a) {
     if (!a) return;
-    free(a->mem);
+    stage_give(a->buf);
     free(a->drain);
     free(a->jobs);
     free(a);
@@ -421,16 +506,18 @@ static int arena_slots(struct memkv_arena *a, uint64_t slot, uint32_t want, uint
     if (k < 2) k = 2;
     if (k > 64) k = 64;
     if (k > want) k = want ? want : 1;
-    size_t need = (size_t)(k * slot);
-    if (need > a->size) {
-        free(a->mem);
-        a->mem = NULL;
-        a->size = 0;
-        if (posix_memalign(&a->mem, MEMKV_ALIGN, need)) return -ENOMEM;
-        a->size = need;
-    }
+    if (!(a->buf = stage_take((size_t)(k * slot)))) return -ENOMEM;
+    a->mem = a->buf->mem;
     *nslots = (uint32_t)k;
     return 0;
+}
+
+/* The end of a request: its staging buffer goes back for any connection to use. */
+static int arena_done(struct memkv_arena *a, int rc) {
+    stage_give(a->buf);
+    a->buf = NULL;
+    a->mem = NULL;
+    return rc;
 }
 
 static uint64_t piece_size(uint64_t slot) {
@@ -705,8 +792,23 @@ static int behind_start(struct memkv_behind *q, struct memkv_io *ios, uint32_t n
     return 0;
 }
 
+static int server_put(int sock, struct memkv_arena *a, struct memkv_io *ios, uint32_t n, int pid,
+                      const uint64_t *peer, struct memkv_behind *q);
+static int server_get(int sock, struct memkv_arena *a, struct memkv_io *ios, uint32_t n, int pid,
+                      const uint64_t *peer);
+
 int memkv_server_put(int sock, struct memkv_arena *a, struct memkv_io *ios, uint32_t n, int pid,
                      const uint64_t *peer, struct memkv_behind *q) {
+    return arena_done(a, server_put(sock, a, ios, n, pid, peer, q));
+}
+
+int memkv_server_get(int sock, struct memkv_arena *a, struct memkv_io *ios, uint32_t n, int pid,
+                     const uint64_t *peer) {
+    return arena_done(a, server_get(sock, a, ios, n, pid, peer));
+}
+
+static int server_put(int sock, struct memkv_arena *a, struct memkv_io *ios, uint32_t n, int pid,
+                      const uint64_t *peer, struct memkv_behind *q) {
     struct plan pl;
     int rc = plan_slots(a, ios, n, MEMKV_ACT_STORE, &pl);
     if (rc) return rc;
@@ -802,8 +904,8 @@ int memkv_server_put(int sock, struct memkv_arena *a, struct memkv_io *ios, uint
 }
 
 /* ---- server GET ------------------------------------------------------------------------------ */
-int memkv_server_get(int sock, struct memkv_arena *a, struct memkv_io *ios, uint32_t n, int pid,
-                     const uint64_t *peer) {
+static int server_get(int sock, struct memkv_arena *a, struct memkv_io *ios, uint32_t n, int pid,
+                      const uint64_t *peer) {
     struct plan pl;
     int rc = plan_slots(a, ios, n, MEMKV_ACT_LOAD, &pl);
     if (rc) return rc;

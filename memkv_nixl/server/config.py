@@ -35,6 +35,7 @@ class ServerConfig:
     meta_dir: str | None = None       # journal + checkpoint; default: the first data directory
     io_threads: int = 4
     ram_cache: int = 1 << 30          # DRAM read cache for hot blocks; 0: off
+    staging_memory: int = 512 << 20   # staging buffers kept for reuse by requests in flight
     idle_timeout: float = 300.0
     quota: dict = dataclasses.field(default_factory=dict)  # namespace (or "*": any other) -> bytes
     log_level: str = "INFO"
@@ -103,7 +104,7 @@ class ServerConfig:
         return s
 
 
-_SIZE_FIELDS = {"capacity", "min_block", "max_block", "ram_cache"}
+_SIZE_FIELDS = {"capacity", "min_block", "max_block", "ram_cache", "staging_memory"}
 
 
 def load(config_file: str | None, overrides: dict) -> ServerConfig:

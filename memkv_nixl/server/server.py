@@ -29,7 +29,7 @@ from .store import Store
 
 log = logging.getLogger("memkv.server")
 
-ARENA_BUDGET = 64 << 20  # staging bytes per connection: keeps several blocks in flight
+ARENA_BUDGET = 64 << 20  # staging bytes a request may use: keeps several blocks in flight
 HANDSHAKE_TIMEOUT_S = 10
 BATCH_OPS = {Op.PUT, Op.GET, Op.EXISTS, Op.DELETE, Op.PIN, Op.UNPIN}
 
@@ -49,6 +49,7 @@ class Server:
             log.warning("cannot drop CAP_SYS_PTRACE (%s): same-host copies (cma) are off",
                         os.strerror(-rc))
         native.io_start(cfg.io_threads)
+        native.staging_limit(cfg.staging_memory)
         self.store = Store(cfg.data_files(), cfg.meta_dir, cfg.capacity,
                            sync=cfg.durability == "sync", min_block=cfg.min_block,
                            max_block=cfg.max_block, ram_cache=cfg.ram_cache, quotas=cfg.quota)
@@ -224,7 +225,9 @@ class Server:
 
     def _serve_request(self, fd: int, ns_id: int, arena, f, peer: str, cma) -> None:
         if f.op == Op.STATS:
-            body = json.dumps({"server": self.address, **self.store.stats()}).encode()
+            body = json.dumps({"server": self.address, **self.store.stats(),
+                               "staging": {**native.staging_stats(),
+                                           "limit_bytes": self.cfg.staging_memory}}).encode()
             native.send_all(fd, pack_frame(Op.STATS, req_id=f.req_id, body_len=len(body)) + body)
             return
         if f.op not in BATCH_OPS:
