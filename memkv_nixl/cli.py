@@ -18,7 +18,8 @@ def _serve(a) -> None:
                  "listen_unix": a.listen_unix,
                  "durability": a.durability, "secret_file": a.secret_file, "min_block": a.min_block,
                  "max_block": a.max_block, "meta_dir": a.meta_dir, "io_threads": a.io_threads,
-                 "ram_cache": a.ram_cache, "quota": a.quota, "staging_memory": a.staging_memory}
+                 "ram_cache": a.ram_cache, "quota": a.quota, "staging_memory": a.staging_memory,
+                 "journal_max": a.journal_max}
     cfg = config.load(a.config, overrides).resolved()
     logging.getLogger().setLevel(cfg.log_level)
     run(cfg)
@@ -107,6 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--staging-memory", help="aligned buffers that requests in flight stage blocks "
                    "in, kept for reuse up to this much in all (default 512MiB); a connection "
                    "holds one only during a request")
+    s.add_argument("--journal-max", help="write an index checkpoint once the journal holds this "
+                   "much (default 32MiB): larger means fewer checkpoints, a longer start-up")
     s.add_argument("--quota", action="append", metavar="NAMESPACE=SIZE",
                    help="most payload bytes a namespace may hold (repeatable; '*=SIZE' for every "
                         "namespace not named); at its quota a namespace's own least recently used "

@@ -4,9 +4,11 @@
 A data path (file or block device) starts with a 4 KiB superblock, then a ring of records.
 A record is a 256-byte header (magic, version, namespace id, key, sequence number, length,
 xxh3 of the payload, xxh3 of the header) followed by the payload, padded to 4 KiB, written in
-one O_DIRECT write. The index lives in memory and is persisted by an append-only journal of
-fixed-size records and a periodic checkpoint that holds the same records; each carries a magic
-and an xxh3, so a torn tail is detected and ignored.
+one O_DIRECT write. The index lives in memory and is persisted by append-only journals of
+fixed-size records (meta dir: journal.<id>, each opening with JOURNAL_HDR) and a periodic
+checkpoint (index.ckpt) that holds the same records and names the last journal it covers; each
+record carries a magic and an xxh3, so a torn tail is detected and ignored. Recovery loads the
+checkpoint, then replays every journal with a higher id, oldest first.
 """
 import enum
 import struct

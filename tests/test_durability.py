@@ -39,10 +39,15 @@ def test_clean_restart_serves_every_block_again_with_pins(memkv_server):
     assert "recovered in" in s.log()
 
 
-@pytest.mark.parametrize("durability", ["sync", "async"])
-def test_kill9_during_put_storm(memkv_server, durability):
-    """sync: every acknowledged block is served, equal. async: whatever is served is equal."""
-    s = memkv_server(durability=durability, capacity="512MiB")
+@pytest.mark.parametrize("durability,journal_max", [("sync", None), ("async", None),
+                                                     ("sync", "16KiB")],
+                         ids=["sync", "async", "sync-checkpoints"])
+def test_kill9_during_put_storm(memkv_server, durability, journal_max):
+    """sync: every acknowledged block is served, equal. async: whatever is served is equal.
+    sync-checkpoints: checkpoints are written all through the storm (records go to a new
+    journal file meanwhile, covered ones are deleted), and nothing acknowledged is lost."""
+    extra = ["--journal-max", journal_max] if journal_max else []
+    s = memkv_server(durability=durability, capacity="512MiB", extra=extra)
     acked: dict[bytes, bytes] = {}
     stop = threading.Event()
     errors = []
@@ -71,6 +76,10 @@ def test_kill9_during_put_storm(memkv_server, durability):
     if durability == "async":  # most of the storm was acknowledged from DRAM, written behind
         with s.client("storm") as c:
             assert c.stats()[s.address]["counters"].get("put_written_behind", 0) > 0
+    if journal_max:
+        time.sleep(1.5)
+        assert s.log().count("checkpoint:") >= 3, "checkpoints while the storm goes on"
+        assert len(list(s.data.glob("journal.*"))) <= 2, "covered journals are deleted"
     s.kill9()
     stop.set()
     for t in threads:
@@ -134,7 +143,8 @@ def test_torn_journal_tail_is_ignored(memkv_server):
     with s.client() as c:
         c.put(keys, data)
     s.kill9()
-    with open(s.data / "journal", "ab") as f:
+    journal = max(s.data.glob("journal.*"), key=lambda p: int(p.suffix[1:]))  # the open one
+    with open(journal, "ab") as f:
         f.write(os.urandom(100))  # half a record of garbage, as a crash mid-append leaves
     s.start()
     with s.client() as c:
@@ -189,13 +199,18 @@ def _grow(meta):
     assert subprocess.run(["mount", "-o", "remount,size=8m", str(meta)]).returncode == 0
 
 
-def test_a_full_meta_dir_refuses_puts_and_loses_nothing_acknowledged(memkv_server, tmp_path):
+@pytest.mark.parametrize("journal_max", [None, "16KiB"], ids=["one-journal", "checkpoints-fail"])
+def test_a_full_meta_dir_refuses_puts_and_loses_nothing_acknowledged(memkv_server, tmp_path,
+                                                                     journal_max):
     """The journal's disk fills up (the meta dir on a 192 KiB tmpfs): sync puts, deletes and pins
     get IO_ERROR, with one clear log line, and so does a retry (it finds the block present, but
     not durable). Once there is room again they succeed, and every acknowledged block is there,
-    equal, after kill -9; none of the refused ones reads back wrong."""
+    equal, after kill -9; none of the refused ones reads back wrong. checkpoints-fail: a
+    checkpoint is due every ~90 records but soon no longer fits, so the journals it would have
+    covered pile up, and a restart replays them all."""
     with _small_meta_dir(tmp_path) as meta:
-        s = memkv_server(extra=["--meta-dir", str(meta)])
+        s = memkv_server(extra=["--meta-dir", str(meta)] +
+                         (["--journal-max", journal_max] if journal_max else []))
         acked, refused = {}, {}
         with s.client() as c:
             for b in range(24):  # ~1500 journal records fit
@@ -203,6 +218,8 @@ def test_a_full_meta_dir_refuses_puts_and_loses_nothing_acknowledged(memkv_serve
                 for k, d, st in zip(keys, data, c.put(keys, data)):
                     assert st in (Status.OK, Status.IO_ERROR), st
                     (acked if st == Status.OK else refused)[k] = d
+                if journal_max:
+                    time.sleep(0.25)  # the journal flusher writes a due checkpoint each second
             assert acked and refused
             k = next(iter(refused))
             assert c.put([k], [refused[k]]) == [Status.IO_ERROR], "a retry must not find it present"
@@ -210,6 +227,8 @@ def test_a_full_meta_dir_refuses_puts_and_loses_nothing_acknowledged(memkv_serve
             assert c.delete([gone]) == [Status.IO_ERROR]
             refused[gone] = acked.pop(gone)
             assert "journal write to" in s.log() and "No space left on device" in s.log()
+            if journal_max:
+                assert "checkpoint to" in s.log() and len(list(meta.glob("journal.*"))) > 2
             _grow(meta)
             keys, data = _blocks("after", 64, size=4096)
             assert c.put(keys, data) == [Status.OK] * 64
@@ -250,3 +269,19 @@ def test_async_puts_while_the_meta_dir_is_full_are_journaled_once_it_has_room(me
             st, got = _read_all(c, list(blocks), 4096)
             assert st == [Status.OK] * len(blocks) and got == list(blocks.values())
         s.kill9()
+
+
+def test_a_store_from_before_numbered_journals_recovers(memkv_server):
+    """Stores written before journal files were numbered have one file named "journal": after a
+    kill -9, its records are replayed, and the first checkpoint retires it."""
+    s = memkv_server()
+    keys, data = _blocks("legacy", 30)
+    with s.client() as c:
+        assert c.put(keys, data) == [Status.OK] * 30
+    s.kill9()
+    (journal,) = s.data.glob("journal.*")
+    journal.rename(s.data / "journal")
+    s.start()
+    with s.client() as c:
+        assert _read_all(c, keys, 8192) == ([Status.OK] * 30, data)
+    assert not (s.data / "journal").exists()

@@ -36,6 +36,7 @@ class ServerConfig:
     io_threads: int = 4
     ram_cache: int = 1 << 30          # DRAM read cache for hot blocks; 0: off
     staging_memory: int = 512 << 20   # staging buffers kept for reuse by requests in flight
+    journal_max: int = 32 << 20       # checkpoint once the journal holds this much
     idle_timeout: float = 300.0
     quota: dict = dataclasses.field(default_factory=dict)  # namespace (or "*": any other) -> bytes
     log_level: str = "INFO"
@@ -104,7 +105,7 @@ class ServerConfig:
         return s
 
 
-_SIZE_FIELDS = {"capacity", "min_block", "max_block", "ram_cache", "staging_memory"}
+_SIZE_FIELDS = {"capacity", "min_block", "max_block", "ram_cache", "staging_memory", "journal_max"}
 
 
 def load(config_file: str | None, overrides: dict) -> ServerConfig:

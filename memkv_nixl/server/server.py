@@ -52,7 +52,8 @@ class Server:
         native.staging_limit(cfg.staging_memory)
         self.store = Store(cfg.data_files(), cfg.meta_dir, cfg.capacity,
                            sync=cfg.durability == "sync", min_block=cfg.min_block,
-                           max_block=cfg.max_block, ram_cache=cfg.ram_cache, quotas=cfg.quota)
+                           max_block=cfg.max_block, ram_cache=cfg.ram_cache, quotas=cfg.quota,
+                           journal_max=cfg.journal_max)
         host, port = cfg.host_port
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self.sock = socket.socket(family, socket.SOCK_STREAM)

@@ -194,7 +194,8 @@ def _write_aligned(fd: int, off: int, data: bytes) -> None:
 
 class Store:
     def __init__(self, data_paths: list[str], meta_dir: str, capacity: int, *, sync: bool,
-                 min_block: int, max_block: int, ram_cache: int = 0, quotas: dict | None = None):
+                 min_block: int, max_block: int, ram_cache: int = 0, quotas: dict | None = None,
+                 journal_max: int = CHECKPOINT_JOURNAL_BYTES):
         self.sync = sync
         self.quotas = dict(quotas or {})
         self.ram = RamCache(ram_cache)
@@ -203,6 +204,9 @@ class Store:
         self.meta_dir = meta_dir
         self._lock = threading.Lock()
         self._jlock = threading.Lock()  # orders journal writes; held across write + fdatasync
+        self._ckpt_lock = threading.Lock()  # one checkpoint at a time
+        self._ckpt_due = threading.Event()  # the journal is large: the flusher writes a checkpoint
+        self.journal_max = journal_max
         self._jbuf = bytearray()
         self._next_seq = 1
         self.namespaces: dict[int, Namespace] = {}
@@ -231,7 +235,6 @@ class Store:
             self.files.append(DataFile(i, path, size, fd, file_uuid))
         self._rr = 0
         self._used = 0  # ring bytes of live records (kept as they change: stats must not scan)
-        self._journal_path = os.path.join(meta_dir, "journal")
         self._ckpt_path = os.path.join(meta_dir, "index.ckpt")
         blocks = self._recover()
         self.startup_s = time.monotonic() - t0
@@ -661,25 +664,27 @@ class Store:
     def _flush_journal(self, durable: bool) -> None:
         """Append the pending records (and flush them to disk when durable). On failure (e.g. the
         meta dir is full) it raises OSError, the journal file keeps only whole records and the
-        records stay pending, ahead of newer ones, for the next flush."""
+        records not written stay pending, ahead of newer ones, for the next flush."""
         with self._jlock:
             with self._lock:
                 data, self._jbuf = self._jbuf, bytearray()
+            written = False
             try:
                 if self._jtorn:
-                    self._checkpoint_locked()  # a failed write could not be rolled back
-                    data = bytearray()  # what it held is in the checkpoint
+                    self._open_journal(self._journal_id + 1)  # recovery replays it after the torn one
                 if data:
                     _seal_meta(data)
                     self._append_journal(data)
+                written = True
                 if durable and (data or self._jdirty):
                     os.fdatasync(self._jfd)
                     self._jdirty = False
                 elif data:
                     self._jdirty = True
             except OSError as e:
-                with self._lock:
-                    self._jbuf[:0] = data  # still pending (sealed again before the next write)
+                if not written:
+                    with self._lock:
+                        self._jbuf[:0] = data  # still pending (sealed again before the next write)
                 self.counters["journal_errors"] += 1
                 if not self._jfailing:
                     log.error("journal write to %s failed (%s): sync puts, deletes and pins are "
@@ -690,13 +695,8 @@ class Store:
             if self._jfailing:
                 log.warning("journal writes to %s succeed again", self._journal_path)
                 self._jfailing = False
-            big = self._jsize > CHECKPOINT_JOURNAL_BYTES
-        if big:
-            try:
-                self.checkpoint()
-            except OSError as e:  # the journal goes on growing; the next flush tries again
-                log.error("checkpoint to %s failed (%s); free space in --meta-dir %s",
-                          self._ckpt_path, e.strerror, self.meta_dir)
+            if self._jsize > self.journal_max:
+                self._ckpt_due.set()  # the flusher thread writes it: no request waits for it
 
     def _append_journal(self, data: bytearray) -> None:
         """All of data at the journal's end, or nothing: a torn record would hide every record
@@ -712,7 +712,7 @@ class Store:
                 try:
                     os.ftruncate(self._jfd, start)
                 except OSError:
-                    self._jtorn = True  # the next flush starts a fresh journal (a checkpoint) first
+                    self._jtorn = True  # the next flush starts a new journal file first
             raise
         self._jsize += len(data)
 
@@ -722,57 +722,92 @@ class Store:
                 self._flush_journal(True)
             except OSError:
                 pass  # logged once by _flush_journal; its records are retried a second later
+            if self._ckpt_due.is_set():
+                self._ckpt_due.clear()
+                try:
+                    self.checkpoint()
+                except OSError as e:
+                    # its journals are kept and replayed; the next try comes once the new
+                    # journal is as large
+                    log.error("checkpoint to %s failed (%s); free space in --meta-dir %s",
+                              self._ckpt_path, e.strerror, self.meta_dir)
 
     # ---- checkpoint and recovery ----------------------------------------------------------------
     def checkpoint(self) -> None:
-        """Write the whole index as a new checkpoint and start a fresh journal."""
-        with self._jlock:
-            self._checkpoint_locked()
-
-    def _checkpoint_locked(self) -> None:
-        with self._lock:
-            pending = self._jbuf
-            self._jbuf = bytearray()  # pending records are part of the index the checkpoint holds
-            try:
-                self._write_checkpoint()
-            except OSError:
-                self._jbuf = pending  # no checkpoint: they are still to be journaled
-                raise
-            try:
-                self._open_journal(self._journal_id + 1)
-            except OSError:
-                self._jtorn = True  # the checkpoint covers the open journal: append nothing to it
-                raise
-
-    def _write_checkpoint(self) -> None:
-        """The whole index as the checkpoint covering the current journal (caller holds both
-        locks)."""
-        records = bytearray()
-        for ns in self.namespaces.values():
-            _pack_meta(records, MetaType.NAMESPACE, ns.id, ns.name.encode())
-        count = len(self.namespaces)
-        for ns in self.namespaces.values():
-            for e in ns.index.values():
-                if e.behind:
-                    continue  # journaled once it is on disk
-                _pack_meta(records, MetaType.PUT, ns.id, e.key, e.file.number, e.seq, e.off,
+        """Write the whole index as a new checkpoint. The store lock is held only to list the
+        index: records from then on go to a new journal file while the checkpoint is packed and
+        written, and the journals it covers are deleted once it is on disk."""
+        with self._ckpt_lock:
+            with self._jlock:
+                with self._lock:
+                    pending, self._jbuf = self._jbuf, bytearray()
+                    nss = [(ns.id, ns.name) for ns in self.namespaces.values()]
+                    entries = [e for ns in self.namespaces.values() for e in ns.index.values()
+                               if not e.behind]  # (written behind: journaled once on disk)
+                    heads = b"".join(CKPT_FILE.pack(f.uuid, f.head) for f in self.files)
+                    next_seq = self._next_seq
+                try:
+                    if pending:  # what happened before the listing goes to the covered journal
+                        _seal_meta(pending)
+                        self._append_journal(pending)
+                        self._jdirty = True
+                    pending = None
+                    covered = self._journal_id
+                    self._open_journal(covered + 1)
+                except OSError:
+                    if pending is not None:
+                        with self._lock:
+                            self._jbuf[:0] = pending
+                    raise
+            records = bytearray()
+            for ns_id, name in nss:
+                _pack_meta(records, MetaType.NAMESPACE, ns_id, name.encode())
+            for e in entries:
+                _pack_meta(records, MetaType.PUT, e.ns.id, e.key, e.file.number, e.seq, e.off,
                            e.len, e.csum, FLAG_PINNED if e.pinned else 0)
-                count += 1
-        _seal_meta(records)
-        head = CKPT_HDR.pack(CKPT_MAGIC, FORMAT_VERSION, 0, self._journal_id, self._next_seq,
-                             len(self.files), count)
-        head += b"".join(CKPT_FILE.pack(f.uuid, f.head) for f in self.files)
-        body = head + records
-        body += CKPT_TRAILER.pack(native.xxh3(body))
-        _atomic_write(self._ckpt_path, body)
-        log.info("checkpoint: %d records, %.1f MiB, journal %d", count, len(body) / 2**20,
-                 self._journal_id + 1)
+            _seal_meta(records)
+            body = CKPT_HDR.pack(CKPT_MAGIC, FORMAT_VERSION, 0, covered, next_seq, len(self.files),
+                                 len(nss) + len(entries)) + heads + records
+            body += CKPT_TRAILER.pack(native.xxh3(body))
+            _atomic_write(self._ckpt_path, body)
+            for jid, path in self._journal_files():
+                if jid <= covered:
+                    try:
+                        os.unlink(path)
+                    except OSError:
+                        pass  # recovery skips what the checkpoint covers
+            log.info("checkpoint: %d records, %.1f MiB, covers journal %d", len(nss) + len(entries),
+                     len(body) / 2**20, covered)
+
+    def _journal_files(self) -> list[tuple[int, str]]:
+        """(id, path) of the journal files in the meta dir, oldest first. Each is named by its id;
+        "journal" is the one file of stores written before journals were numbered."""
+        out = []
+        for name in os.listdir(self.meta_dir):
+            if name == "journal" or (name.startswith("journal.") and name[8:].isdigit()):
+                path = os.path.join(self.meta_dir, name)
+                with open(path, "rb") as fh:
+                    head = fh.read(JOURNAL_HDR.size)
+                if len(head) == JOURNAL_HDR.size:
+                    magic, _, _, jid = JOURNAL_HDR.unpack(head)
+                    if magic == JOURNAL_MAGIC:
+                        out.append((jid, path))
+        return sorted(out)
+
+    @property
+    def _journal_path(self) -> str:
+        return os.path.join(self.meta_dir, f"journal.{self._journal_id}")
 
     def _open_journal(self, journal_id: int) -> None:
+        """Start appending to a new journal file (the open one is kept if that fails)."""
+        if self._jfd is not None and self._jdirty:
+            os.fdatasync(self._jfd)  # a journal is complete on disk before the next one starts
+        path = os.path.join(self.meta_dir, f"journal.{journal_id}")
+        _atomic_write(path, JOURNAL_HDR.pack(JOURNAL_MAGIC, FORMAT_VERSION, 0, journal_id))
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND)
         if self._jfd is not None:
             os.close(self._jfd)
-        _atomic_write(self._journal_path, JOURNAL_HDR.pack(JOURNAL_MAGIC, FORMAT_VERSION, 0, journal_id))
-        self._jfd = os.open(self._journal_path, os.O_WRONLY | os.O_APPEND)
+        self._jfd = fd
         self._journal_id = journal_id
         self._jsize = 0
         self._jdirty = False
@@ -808,19 +843,20 @@ class Store:
             self._replay(memoryview(data)[pos:pos + n_rec * META_REC.size], file_map)
             self._journal_id = covered
         file_map = {f.number: f for f in self.files}
-        if os.path.exists(self._journal_path):
-            with open(self._journal_path, "rb") as fh:
-                data = fh.read()
-            if len(data) >= JOURNAL_HDR.size:
-                magic, version, _, jid = JOURNAL_HDR.unpack_from(data)
-                if magic == JOURNAL_MAGIC and jid > covered:
-                    body = memoryview(data)[JOURNAL_HDR.size:]
-                    n = self._replay(body, file_map)
-                    if n * META_REC.size < len(body):
-                        log.warning("journal: ignored a torn tail of %d bytes",
-                                    len(body) - n * META_REC.size)
-                    self._next_seq += SEQ_FENCE
-                    self._journal_id = jid
+        replayed = False
+        for jid, path in self._journal_files():
+            if jid <= covered:
+                continue  # the checkpoint holds it (a crash came before it was deleted)
+            with open(path, "rb") as fh:
+                body = memoryview(fh.read())[JOURNAL_HDR.size:]
+            n = self._replay(body, file_map)
+            if n * META_REC.size < len(body):
+                log.warning("journal %d: ignored a torn tail of %d bytes", jid,
+                            len(body) - n * META_REC.size)
+            self._journal_id = jid
+            replayed = True
+        if replayed:
+            self._next_seq += SEQ_FENCE
         for f in self.files:
             self._rebuild_ring(f, heads.get(f))
         for ns in self.namespaces.values():
