@@ -21,7 +21,7 @@ mk.activate()  # before the first agent
 import torch  # noqa: E402
 from nixl_cu12._api import nixl_agent, nixl_agent_config  # noqa: E402
 
-from bench_store import GB, ROOT, ServerProc  # noqa: E402
+from bench_store import GB, ROOT, start_server  # noqa: E402
 from memkv_nixl import Client, Status  # noqa: E402
 from memkv_nixl.units import format_size, parse_size  # noqa: E402
 
@@ -109,7 +109,8 @@ def main(argv=None) -> None:
     workdir = tempfile.mkdtemp(prefix="memkv-bench-nixl-", dir=ROOT)
     print(f"# NIXL MEMKV bench: sizes {', '.join(map(format_size, sizes))}; {format_size(total)} per "
           f"size and direction; batches of {format_size(BATCH_BYTES)}; median of {a.repeat}; GB = 1e9 B")
-    server = ServerProc(workdir, max(4 << 30, 3 * total * a.repeat * 2), "sync")
+    # no DRAM cache: MEMKV and the raw client both read what they wrote back from disk
+    server = start_server(workdir, max(4 << 30, 3 * total * a.repeat * 2), "sync", "0")
     agent = nixl_agent("bench", nixl_agent_config(backends=[]))
     agent.name = "bench"
     agent.create_backend("MEMKV", {"endpoints": server.endpoint, "namespace": "bench-nixl"})
