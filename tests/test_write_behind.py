@@ -3,6 +3,7 @@ cache, served from there at once, and written to disk after; the index (journal,
 names it only once the disk has it, so a restart never finds a block that is not there."""
 import contextlib
 import os
+import signal
 import subprocess
 import time
 
@@ -225,3 +226,19 @@ def test_a_clean_stop_waits_for_written_behind_blocks(memkv_server, tmp_path):
         with s.client() as c:
             assert _get(c, held, MiB) == ([Status.OK] * 16, data)
         s.stop()
+
+
+def test_a_hangup_stops_the_server_cleanly_with_every_async_put_on_disk(memkv_server):
+    """SIGHUP (the terminal of a `memkv serve` went away) is a clean stop, not a crash: the
+    written-behind blocks reach the disk and the index is checkpointed."""
+    s = _async_server(memkv_server, "64MiB", ["--max-block", "1MiB"])
+    keys = [f"hup/{i}".encode() for i in range(32)]
+    data = [os.urandom(MiB) for _ in keys]
+    with s.client() as c:
+        assert c.put(keys, data) == [Status.OK] * 32
+    s.proc.send_signal(signal.SIGHUP)
+    assert s.proc.wait(60) == 0 and "stopped cleanly" in s.log()
+    s._log.close()
+    s.start()
+    with s.client() as c:
+        assert _get(c, keys, MiB) == ([Status.OK] * 32, data)

@@ -388,8 +388,10 @@ def run(cfg: ServerConfig) -> None:
         log.info("signal %d: stopping", signum)
         stop.set()
 
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    # SIGHUP too: a server started from a terminal that goes away stops cleanly (the default
+    # would end it like kill -9, dropping async puts not yet on disk)
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, on_signal)
     acceptor = threading.Thread(target=server.serve_forever, name="memkv-accept", daemon=True)
     acceptor.start()
     while not stop.wait(0.5) and acceptor.is_alive():
