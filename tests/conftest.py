@@ -8,6 +8,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -115,6 +116,24 @@ class MemkvServer:
     def restart(self) -> None:
         self.stop()
         self.start()
+
+
+def in_threads(worker, n: int, timeout_s: float = 120) -> list[str]:
+    """Run worker(0..n-1) on n threads at once; returns what went wrong in any (reprs)."""
+    errors = []
+
+    def run(w):
+        try:
+            worker(w)
+        except Exception as e:  # noqa: BLE001 - returned to the test, which asserts on it
+            errors.append(repr(e))
+
+    threads = [threading.Thread(target=run, args=(w,)) for w in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout_s)
+    return errors
 
 
 def recv_exactly(sock, n: int) -> bytes:

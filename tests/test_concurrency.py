@@ -4,6 +4,7 @@ import subprocess
 import sys
 import threading
 
+from conftest import in_threads
 from memkv_nixl import Client, Status
 
 CHILD = r"""
@@ -23,28 +24,19 @@ print("ok")
 
 
 def test_many_concurrent_clients_threads_and_processes(server):
-    errors = []
-
     def worker(w):
-        try:
-            with Client([server.endpoint], namespace="conc") as c:
-                for r in range(10):
-                    keys = [f"t{w}/{r}/{i}".encode() for i in range(8)]
-                    data = [os.urandom(65536) for _ in keys]
-                    assert c.put(keys, data) == [Status.OK] * 8
-                    bufs = [bytearray(65536) for _ in keys]
-                    assert c.get(keys, bufs) == [Status.OK] * 8
-                    assert [bytes(b) for b in bufs] == data
-        except Exception as e:  # noqa: BLE001 - reported below
-            errors.append(repr(e))
+        with Client([server.endpoint], namespace="conc") as c:
+            for r in range(10):
+                keys = [f"t{w}/{r}/{i}".encode() for i in range(8)]
+                data = [os.urandom(65536) for _ in keys]
+                assert c.put(keys, data) == [Status.OK] * 8
+                bufs = [bytearray(65536) for _ in keys]
+                assert c.get(keys, bufs) == [Status.OK] * 8
+                assert [bytes(b) for b in bufs] == data
 
     procs = [subprocess.Popen([sys.executable, "-c", CHILD, server.endpoint, str(p)],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE) for p in range(6)]
-    threads = [threading.Thread(target=worker, args=(w,)) for w in range(16)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
+    errors = in_threads(worker, 16)
     for p in procs:
         out, err = p.communicate(timeout=120)
         assert p.returncode == 0 and out.strip() == b"ok", err.decode()[-2000:]
@@ -81,25 +73,17 @@ def test_idle_connections_hold_no_staging_memory(memkv_server):
     s = memkv_server(capacity="1GiB", extra=["--staging-memory", "64MiB"])
     base = _rss_mib(s.proc.pid)
     MiB = 1 << 20
-    errors = []
     clients = [Client([s.endpoint], namespace="idle") for _ in range(16)]
 
     def worker(w):
-        try:
-            keys = [f"i{w}/{j}".encode() for j in range(4)]
-            data = [os.urandom(8 * MiB) for _ in keys]
-            assert clients[w].put(keys, data) == [Status.OK] * 4
-            bufs = [bytearray(8 * MiB) for _ in keys]
-            assert clients[w].get(keys, bufs) == [Status.OK] * 4
-            assert [bytes(b) for b in bufs] == data
-        except Exception as e:  # noqa: BLE001 - reported below
-            errors.append(repr(e))
+        keys = [f"i{w}/{j}".encode() for j in range(4)]
+        data = [os.urandom(8 * MiB) for _ in keys]
+        assert clients[w].put(keys, data) == [Status.OK] * 4
+        bufs = [bytearray(8 * MiB) for _ in keys]
+        assert clients[w].get(keys, bufs) == [Status.OK] * 4
+        assert [bytes(b) for b in bufs] == data
 
-    threads = [threading.Thread(target=worker, args=(w,)) for w in range(16)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
+    errors = in_threads(worker, 16)
     assert not errors, errors[:3]
     staging = clients[0].stats()[s.address]["staging"]
     assert staging["allocated_bytes"] == staging["kept_bytes"] <= 64 * MiB, staging

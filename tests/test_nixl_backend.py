@@ -1,14 +1,13 @@
 """The NIXL backend MEMKV, driven through real nixl_agent objects of the installed wheel."""
 import os
 import signal
-import threading
 import time
 import tomllib
 
 import pytest
 import torch
 
-from conftest import ROOT, Agent
+from conftest import ROOT, Agent, in_threads
 from memkv_nixl import Client, Status
 
 KiB, MiB = 1 << 10, 1 << 20
@@ -221,26 +220,17 @@ def test_handle_released_while_in_flight_is_safe(server, nixl_agent):
 
 
 def test_transfers_from_several_threads_at_once(server):
-    errors = []
-
     def worker(w):
-        try:
-            a = Agent()
-            a.memkv(server)
-            src, dst = blocks(8, 256 * KiB, seed=w), torch.zeros(8, 256 * KiB, dtype=torch.uint8)
-            remote, (lsrc, ldst) = obj_setup(a, [f"t{w}/{i}" for i in range(8)], 256 * KiB, src, dst)
-            for _ in range(5):
-                assert a.xfer("WRITE", lsrc, remote) == "DONE"
-                dst.zero_()
-                assert a.xfer("READ", ldst, remote) == "DONE" and torch.equal(src, dst)
-        except Exception as e:  # noqa: BLE001 - reported below
-            errors.append(repr(e))
+        a = Agent()
+        a.memkv(server)
+        src, dst = blocks(8, 256 * KiB, seed=w), torch.zeros(8, 256 * KiB, dtype=torch.uint8)
+        remote, (lsrc, ldst) = obj_setup(a, [f"t{w}/{i}" for i in range(8)], 256 * KiB, src, dst)
+        for _ in range(5):
+            assert a.xfer("WRITE", lsrc, remote) == "DONE"
+            dst.zero_()
+            assert a.xfer("READ", ldst, remote) == "DONE" and torch.equal(src, dst)
 
-    threads = [threading.Thread(target=worker, args=(w,)) for w in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
+    errors = in_threads(worker, 4)
     assert not errors, errors
 
 
