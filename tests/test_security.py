@@ -132,3 +132,13 @@ def test_fuzzed_frames_never_hurt_the_server(server, data, after_handshake, op):
     with server.client() as c:
         out = bytearray(4096)
         assert c.get([b"sentinel"], [out]) == [Status.OK] and bytes(out) == b"S" * 4096
+
+
+def test_a_server_reachable_beyond_loopback_without_a_secret_warns(memkv_server, tmp_path):
+    open_ = memkv_server("open", extra=["--listen", "0.0.0.0:0"])
+    assert "without --secret-file: anyone who can reach this address" in open_.log()
+    secret = tmp_path / "secret"
+    secret.write_text("s3cret")
+    closed = memkv_server("closed", extra=["--listen", "0.0.0.0:0", "--secret-file", str(secret)])
+    local = memkv_server("local")
+    assert "without --secret-file" not in closed.log() + local.log()

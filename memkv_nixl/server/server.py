@@ -9,6 +9,7 @@ acknowledged is lost.
 """
 import errno
 import hmac
+import ipaddress
 import json
 import logging
 import os
@@ -82,6 +83,9 @@ class Server:
                      "socket path may be): same-host clients use TCP")
         log.info("memkv serving on %s (durability %s, auth %s)", self.address, self.cfg.durability,
                  "on" if self.secret else "off")
+        if self.secret is None and not _loopback(self.cfg.host_port[0]):
+            log.warning("listening on %s without --secret-file: anyone who can reach this address "
+                        "may read, overwrite and delete blocks", self.address)
         self._accept_loop(self.sock)
 
     def _accept_loop(self, listener: socket.socket) -> None:
@@ -366,6 +370,13 @@ def _unix_listener(path: str) -> socket.socket:
         raise ConfigError(f"--listen-unix {path}: {e.strerror}") from e
     sock.listen(128)
     return sock
+
+
+def _loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 def set_timeouts(sock: socket.socket, seconds: float) -> None:
