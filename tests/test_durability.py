@@ -285,3 +285,57 @@ def test_a_store_from_before_numbered_journals_recovers(memkv_server):
     with s.client() as c:
         assert _read_all(c, keys, 8192) == ([Status.OK] * 30, data)
     assert not (s.data / "journal").exists()
+
+
+FAILSYNC_C = r"""
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+/* fdatasync fails with EIO on the server's journal files while the trigger file exists */
+int fdatasync(int fd) {
+    static int (*real)(int);
+    if (!real) real = (int (*)(int))dlsym(RTLD_NEXT, "fdatasync");
+    char link[64], path[4096] = {0};
+    snprintf(link, sizeof link, "/proc/self/fd/%d", fd);
+    const char *trigger = getenv("FAILSYNC_TRIGGER");
+    if (readlink(link, path, sizeof path - 1) > 0 && strstr(path, "/journal.") && trigger &&
+        access(trigger, F_OK) == 0) {
+        errno = EIO;
+        return -1;
+    }
+    return real(fd);
+}
+"""
+
+
+def test_a_journal_that_cannot_be_flushed_acknowledges_nothing(memkv_server, tmp_path):
+    """fdatasync of the journal fails (EIO, injected with an LD_PRELOAD shim): the put gets
+    IO_ERROR, and so does its retry, which finds the key present (its record was written but
+    is not known to be on disk; a second fdatasync may report success for pages already lost).
+    Once flushes work again the retry succeeds, and the block survives kill -9."""
+    src, lib = tmp_path / "failsync.c", tmp_path / "libfailsync.so"
+    src.write_text(FAILSYNC_C)
+    built = subprocess.run(["gcc", "-shared", "-fPIC", "-O1", "-o", str(lib), str(src), "-ldl"],
+                           capture_output=True, text=True)
+    assert built.returncode == 0, built.stderr
+    trigger = tmp_path / "fail-now"
+    s = memkv_server(prefix=["env", f"LD_PRELOAD={lib}", f"FAILSYNC_TRIGGER={trigger}"])
+    keys, data = _blocks("sync", 4)
+    with s.client() as c:
+        assert c.put(keys[:2], data[:2]) == [Status.OK] * 2
+        trigger.touch()
+        assert c.put(keys[2:], data[2:]) == [Status.IO_ERROR] * 2
+        assert c.put(keys[2:], data[2:]) == [Status.IO_ERROR] * 2, "acknowledged, not flushed"
+        assert c.delete(keys[:1]) == [Status.IO_ERROR]
+        trigger.unlink()
+        assert c.put(keys[2:], data[2:]) == [Status.OK] * 2
+        assert "journal write to" in s.log() and "Input/output error" in s.log()
+    s.kill9()
+    s.start()
+    with s.client() as c:
+        st, got = _read_all(c, keys[1:], 8192)
+        assert st == [Status.OK] * 3 and got == data[1:]

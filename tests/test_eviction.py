@@ -134,3 +134,19 @@ def test_a_quota_full_of_pinned_blocks_is_back_pressure_and_a_block_above_it_is_
         big = os.urandom(5 * MiB)  # within the block-size range, above the quota
         assert c.put([b"bigger-than-the-quota"], [big]) == [Status.BAD_LENGTH]
         assert _namespace(c, s)["quota_bytes"] == 4 * MiB
+
+
+def test_a_batch_larger_than_the_quota_with_nothing_left_to_evict_is_back_pressure(memkv_server):
+    """Quota 1 MiB, its only block deleted: a batch of 17 x 64 KiB plans 16 (all puts in flight
+    count against the quota) and finds nothing of its own left to evict for the 17th: that one
+    gets FULL, the client retries it once the others are stored, and it is stored too."""
+    s = memkv_server(extra=["--max-block", "1MiB", "--quota", "*=1MiB"])
+    with s.client() as c:
+        assert c.put([b"gone"], [os.urandom(64 << 10)]) == [Status.OK]
+        assert c.delete([b"gone"]) == [Status.OK]
+        keys = [f"q/{i}".encode() for i in range(17)]
+        data = [os.urandom(64 << 10) for _ in keys]
+        assert c.put(keys, data) == [Status.OK] * 17
+        assert _namespace(c, s)["bytes"] <= MiB
+        assert sum(c.exists(keys)) >= 16
+    assert "internal error" not in s.log()

@@ -215,28 +215,32 @@ class Store:
         self.startup_s = 0.0
         self._closed = False
         self._jfd = None
-        self._jtorn = False     # the open journal may not be appended to (see _append_journal)
+        self._jtorn = False     # the open journal may not be appended to (see _write_records)
+        self._unsynced = bytearray()  # records appended to it since its last successful flush
         self._jfailing = False  # the last journal write failed (logged once until one succeeds)
         t0 = time.monotonic()
         os.makedirs(meta_dir, exist_ok=True)
         self._owner_fd = os.open(os.path.join(meta_dir, "lock"), os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            _claim(self._owner_fd, f"the store at {meta_dir}")
-        except StoreError:
-            os.close(self._owner_fd)
-            raise
-        share = capacity // len(data_paths) // ALIGN * ALIGN
         self.files: list[DataFile] = []
-        for i, path in enumerate(data_paths):
-            fd, size, file_uuid = _open_data_path(path, share)
-            if size - SUPERBLOCK_LEN < 2 * record_length(max_block):
-                raise StoreError(f"data path {path} gets {size} bytes, too small for two blocks of "
-                                 f"the maximum size {max_block}; raise --capacity or lower --max-block")
-            self.files.append(DataFile(i, path, size, fd, file_uuid))
         self._rr = 0
         self._used = 0  # ring bytes of live records (kept as they change: stats must not scan)
         self._ckpt_path = os.path.join(meta_dir, "index.ckpt")
-        blocks = self._recover()
+        try:
+            _claim(self._owner_fd, f"the store at {meta_dir}")
+            share = capacity // len(data_paths) // ALIGN * ALIGN
+            for i, path in enumerate(data_paths):
+                fd, size, file_uuid = _open_data_path(path, share)
+                self.files.append(DataFile(i, path, size, fd, file_uuid))
+                if size - SUPERBLOCK_LEN < 2 * record_length(max_block):
+                    raise StoreError(f"data path {path} gets {size} bytes, too small for two blocks "
+                                     f"of the maximum size {max_block}; raise --capacity or lower "
+                                     "--max-block")
+            blocks = self._recover()
+        except BaseException:  # nothing stays open or locked: the paths may be tried again
+            for fd in [f.fd for f in self.files] + [self._jfd, self._owner_fd]:
+                if fd is not None:
+                    os.close(fd)
+            raise
         self.startup_s = time.monotonic() - t0
         log.info("store ready: %d blocks in %d namespaces, %d data path(s), %.1f GiB, recovered in "
                  "%.3f s", blocks, len(self.namespaces), len(self.files),
@@ -498,12 +502,12 @@ class Store:
         over = ns.bytes + ns.reserved + length - ns.quota
         order = ns.order
         passes = 2 * len(order)  # the first pass may only clear reference bits
-        while over > 0 and passes:
+        while over > 0 and passes and order:
             passes -= 1
             e = order.popleft()
-            if ns.index.get(e.key) is not e:
-                continue  # evicted, deleted or replaced meanwhile
-            if e.pinned or e.busy or e.ref:
+            if ns.index.get(e.key) is not e or e.pinned:
+                continue  # evicted, deleted or replaced meanwhile; pinned: back when unpinned
+            if e.busy or e.ref:
                 e.ref = False
                 order.append(e)
                 continue
@@ -623,6 +627,8 @@ class Store:
             if e.pinned != pinned:
                 e.pinned = pinned
                 e.ns.pinned += 1 if pinned else -1
+                if not pinned and e.ns.order is not None:
+                    e.ns.order.append(e)  # evictable at its quota again
                 self._journal(kind, e.ns.id, e.key, e.file.number, e.seq)
         return self._update(ns_id, keys, apply)
 
@@ -663,28 +669,13 @@ class Store:
 
     def _flush_journal(self, durable: bool) -> None:
         """Append the pending records (and flush them to disk when durable). On failure (e.g. the
-        meta dir is full) it raises OSError, the journal file keeps only whole records and the
-        records not written stay pending, ahead of newer ones, for the next flush."""
+        meta dir is full) it raises OSError; see _write_records."""
         with self._jlock:
             with self._lock:
                 data, self._jbuf = self._jbuf, bytearray()
-            written = False
             try:
-                if self._jtorn:
-                    self._open_journal(self._journal_id + 1)  # recovery replays it after the torn one
-                if data:
-                    _seal_meta(data)
-                    self._append_journal(data)
-                written = True
-                if durable and (data or self._jdirty):
-                    os.fdatasync(self._jfd)
-                    self._jdirty = False
-                elif data:
-                    self._jdirty = True
+                self._write_records(data, durable)
             except OSError as e:
-                if not written:
-                    with self._lock:
-                        self._jbuf[:0] = data  # still pending (sealed again before the next write)
                 self.counters["journal_errors"] += 1
                 if not self._jfailing:
                     log.error("journal write to %s failed (%s): sync puts, deletes and pins are "
@@ -697,6 +688,37 @@ class Store:
                 self._jfailing = False
             if self._jsize > self.journal_max:
                 self._ckpt_due.set()  # the flusher thread writes it: no request waits for it
+
+    def _write_records(self, data: bytearray, durable: bool) -> None:
+        """Append records taken from _jbuf to the open journal, and flush it to disk when durable
+        (caller holds _jlock). On failure every record not known to be on disk goes back to the
+        front of _jbuf and OSError is raised. A journal whose flush failed (its pages may be gone
+        even if a later flush says otherwise) or whose torn tail could not be cut is left: the
+        records go to a new journal file, which recovery replays after it (a record replayed twice
+        in a row changes nothing)."""
+        written = False
+        try:
+            if self._jtorn:
+                self._open_journal(self._journal_id + 1)
+            if data:
+                _seal_meta(data)
+                self._append_journal(data)
+                self._unsynced += data
+            written = True
+            if durable and self._unsynced:
+                os.fdatasync(self._jfd)
+                self._unsynced = bytearray()
+        except OSError:
+            with self._lock:
+                if written:
+                    self._jtorn = True
+                if self._jtorn:
+                    again = self._unsynced if written else self._unsynced + data
+                    self._unsynced = bytearray()
+                else:
+                    again = data
+                self._jbuf[:0] = again  # (sealed again before the next write)
+            raise
 
     def _append_journal(self, data: bytearray) -> None:
         """All of data at the journal's end, or nothing: a torn record would hide every record
@@ -712,7 +734,7 @@ class Store:
                 try:
                     os.ftruncate(self._jfd, start)
                 except OSError:
-                    self._jtorn = True  # the next flush starts a new journal file first
+                    self._jtorn = True  # the next write starts a new journal file
             raise
         self._jsize += len(data)
 
@@ -746,19 +768,10 @@ class Store:
                                if not e.behind]  # (written behind: journaled once on disk)
                     heads = b"".join(CKPT_FILE.pack(f.uuid, f.head) for f in self.files)
                     next_seq = self._next_seq
-                try:
-                    if pending:  # what happened before the listing goes to the covered journal
-                        _seal_meta(pending)
-                        self._append_journal(pending)
-                        self._jdirty = True
-                    pending = None
-                    covered = self._journal_id
-                    self._open_journal(covered + 1)
-                except OSError:
-                    if pending is not None:
-                        with self._lock:
-                            self._jbuf[:0] = pending
-                    raise
+                # what happened before the listing goes to the journal the checkpoint covers
+                self._write_records(pending, durable=True)
+                covered = self._journal_id
+                self._open_journal(covered + 1)
             records = bytearray()
             for ns_id, name in nss:
                 _pack_meta(records, MetaType.NAMESPACE, ns_id, name.encode())
@@ -799,9 +812,8 @@ class Store:
         return os.path.join(self.meta_dir, f"journal.{self._journal_id}")
 
     def _open_journal(self, journal_id: int) -> None:
-        """Start appending to a new journal file (the open one is kept if that fails)."""
-        if self._jfd is not None and self._jdirty:
-            os.fdatasync(self._jfd)  # a journal is complete on disk before the next one starts
+        """Start appending to a new journal file (the open one is kept if that fails). Callers
+        leave no record of the open one unflushed, or put such records in the new one."""
         path = os.path.join(self.meta_dir, f"journal.{journal_id}")
         _atomic_write(path, JOURNAL_HDR.pack(JOURNAL_MAGIC, FORMAT_VERSION, 0, journal_id))
         fd = os.open(path, os.O_WRONLY | os.O_APPEND)
@@ -810,7 +822,7 @@ class Store:
         self._jfd = fd
         self._journal_id = journal_id
         self._jsize = 0
-        self._jdirty = False
+        self._unsynced = bytearray()
         self._jtorn = False
 
     def _recover(self) -> int:

@@ -538,15 +538,23 @@ private:
         std::vector<std::thread> others;
         others.reserve(used.size());
         std::vector<size_t> here = {0};  // run on this thread: the first, and any without a thread
+        // an exception must not escape a thread (std::terminate would end the inference process)
+        auto one = [&](size_t u) {
+            try {
+                results[u] = run_group(job, used[u], groups[used[u]]);
+            } catch (...) {
+                results[u] = NIXL_ERR_BACKEND;
+            }
+        };
         for (size_t u = 1; u < used.size(); u++) {
             try {
-                others.emplace_back([&, u] { results[u] = run_group(job, used[u], groups[used[u]]); });
+                others.emplace_back(one, u);
             } catch (...) {
                 here.push_back(u);
             }
         }
         for (size_t u : here)
-            if (u < used.size()) results[u] = run_group(job, used[u], groups[used[u]]);
+            if (u < used.size()) one(u);
         for (auto &t : others) t.join();
         for (int r : results)
             if (r != NIXL_SUCCESS) return r;
@@ -616,6 +624,7 @@ private:
         }
         {
             std::lock_guard<std::mutex> g(job.mu);
+            if (job.abandoned) healthy = false;  // releaseReqH may have shut its socket down
             job.active.erase(std::find(job.active.begin(), job.active.end(), std::make_pair(c.fd, c.cma != 0)));
             job.cv.notify_all();
         }
