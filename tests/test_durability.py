@@ -8,6 +8,10 @@ import time
 import pytest
 
 from memkv_nixl import Status
+from memkv_nixl.diskformat import record_length
+
+
+MiB = 1 << 20
 
 
 def _blocks(prefix, n, size=8192):
@@ -297,14 +301,15 @@ FAILSYNC_C = r"""
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
-/* fdatasync fails with EIO on the server's journal files while the trigger file exists */
+/* fdatasync fails with EIO on files whose path holds FAILSYNC_MATCH while the file named by
+   FAILSYNC_TRIGGER exists */
 int fdatasync(int fd) {
     static int (*real)(int);
     if (!real) real = (int (*)(int))dlsym(RTLD_NEXT, "fdatasync");
     char link[64], path[4096] = {0};
     snprintf(link, sizeof link, "/proc/self/fd/%d", fd);
-    const char *trigger = getenv("FAILSYNC_TRIGGER");
-    if (readlink(link, path, sizeof path - 1) > 0 && strstr(path, "/journal.") && trigger &&
+    const char *trigger = getenv("FAILSYNC_TRIGGER"), *match = getenv("FAILSYNC_MATCH");
+    if (readlink(link, path, sizeof path - 1) > 0 && match && strstr(path, match) && trigger &&
         access(trigger, F_OK) == 0) {
         errno = EIO;
         return -1;
@@ -314,18 +319,25 @@ int fdatasync(int fd) {
 """
 
 
-def test_a_journal_that_cannot_be_flushed_acknowledges_nothing(memkv_server, tmp_path):
-    """fdatasync of the journal fails (EIO, injected with an LD_PRELOAD shim): the put gets
-    IO_ERROR, and so does its retry, which finds the key present (its record was written but
-    is not known to be on disk; a second fdatasync may report success for pages already lost).
-    Once flushes work again the retry succeeds, and the block survives kill -9."""
+def _failing_sync_server(memkv_server, tmp_path, match):
+    """A server whose fdatasync of files matching `match` fails while <tmp>/fail-now exists."""
     src, lib = tmp_path / "failsync.c", tmp_path / "libfailsync.so"
     src.write_text(FAILSYNC_C)
     built = subprocess.run(["gcc", "-shared", "-fPIC", "-O1", "-o", str(lib), str(src), "-ldl"],
                            capture_output=True, text=True)
     assert built.returncode == 0, built.stderr
     trigger = tmp_path / "fail-now"
-    s = memkv_server(prefix=["env", f"LD_PRELOAD={lib}", f"FAILSYNC_TRIGGER={trigger}"])
+    s = memkv_server(prefix=["env", f"LD_PRELOAD={lib}", f"FAILSYNC_TRIGGER={trigger}",
+                             f"FAILSYNC_MATCH={match}"])
+    return s, trigger
+
+
+def test_a_journal_that_cannot_be_flushed_acknowledges_nothing(memkv_server, tmp_path):
+    """fdatasync of the journal fails (EIO, injected with an LD_PRELOAD shim): the put gets
+    IO_ERROR, and so does its retry, which finds the key present (its record was written but
+    is not known to be on disk; a second fdatasync may report success for pages already lost).
+    Once flushes work again the retry succeeds, and the block survives kill -9."""
+    s, trigger = _failing_sync_server(memkv_server, tmp_path, "/journal.")
     keys, data = _blocks("sync", 4)
     with s.client() as c:
         assert c.put(keys[:2], data[:2]) == [Status.OK] * 2
@@ -341,3 +353,26 @@ def test_a_journal_that_cannot_be_flushed_acknowledges_nothing(memkv_server, tmp
     with s.client() as c:
         st, got = _read_all(c, keys[1:], 8192)
         assert st == [Status.OK] * 3 and got == data[1:]
+
+
+def test_a_data_disk_that_cannot_flush_acknowledges_nothing_and_recovers(memkv_server, tmp_path):
+    """fdatasync of the data file fails (EIO): the batch's puts get IO_ERROR, their places in
+    the ring are given back (puts keep working, eviction included, once flushes work again),
+    and every block acknowledged before and after is equal after kill -9."""
+    s, trigger = _failing_sync_server(memkv_server, tmp_path, "blocks.dat")
+    keys, data = _blocks("d", 40, size=MiB)
+    with s.client() as c:
+        assert c.put(keys[:8], data[:8]) == [Status.OK] * 8
+        trigger.touch()
+        assert c.put(keys[8:16], data[8:16]) == [Status.IO_ERROR] * 8
+        assert "fdatasync of a data path failed" in s.log()
+        trigger.unlink()
+        for k in range(8, 40, 8):  # 32 MiB more through a 256 MiB store: no slot was leaked
+            assert c.put(keys[k:k + 8], data[k:k + 8]) == [Status.OK] * 8
+        st = c.stats()[s.address]
+        assert st["counters"]["put_sync_errors"] == 1
+        assert st["used_bytes"] == 40 * record_length(MiB), "the failed puts' places are free"
+    s.kill9()
+    s.start()
+    with s.client() as c:
+        assert _read_all(c, keys, MiB) == ([Status.OK] * 40, data)
