@@ -376,3 +376,32 @@ def test_a_data_disk_that_cannot_flush_acknowledges_nothing_and_recovers(memkv_s
     s.start()
     with s.client() as c:
         assert _read_all(c, keys, MiB) == ([Status.OK] * 40, data)
+
+
+def test_a_clean_stop_lets_the_requests_in_progress_finish(memkv_server):
+    """SIGTERM while a 384 MiB put is on its way (a rolling restart of a busy server): the put
+    is answered OK before the server stops, and the blocks are there after the restart."""
+    s = memkv_server(capacity="1GiB", extra=["--max-block", "4MiB"])
+    blob = os.urandom(4 * MiB)
+    keys = [f"drain/{i}".encode() for i in range(96)]
+    got, done_at = [], []
+
+    def put():
+        with s.client() as c:
+            got.extend(c.put(keys, [blob] * len(keys)))
+        done_at.append(time.monotonic())
+
+    t = threading.Thread(target=put)
+    t.start()
+    time.sleep(0.1)
+    stopped_at = time.monotonic()
+    s.proc.terminate()
+    t.join(60)
+    assert got == [Status.OK] * 96
+    assert s.proc.wait(60) == 0 and "cut off" not in s.log()
+    assert done_at[0] > stopped_at, "the put must still be on its way at the stop"
+    s._log.close()
+    s.start()
+    with s.client() as c:
+        assert c.exists(keys) == [True] * 96
+        assert _read_all(c, keys[-4:], 4 * MiB) == ([Status.OK] * 4, [blob] * 4)

@@ -32,6 +32,7 @@ log = logging.getLogger("memkv.server")
 
 ARENA_BUDGET = 64 << 20  # staging bytes a request may use: keeps several blocks in flight
 HANDSHAKE_TIMEOUT_S = 10
+DRAIN_S = 10  # a clean stop lets requests in progress finish for this long
 BATCH_OPS = {Op.PUT, Op.GET, Op.EXISTS, Op.DELETE, Op.PIN, Op.UNPIN}
 
 
@@ -68,7 +69,9 @@ class Server:
         self.server_id = os.urandom(SERVER_ID_LEN)
         self._announce = self.server_id + (cfg.listen_unix or "").encode()
         self._conns: set[socket.socket] = set()
+        self._busy: set[socket.socket] = set()  # connections serving a request right now
         self._conns_lock = threading.Lock()
+        self._drained = threading.Condition(self._conns_lock)
         self._stopping = threading.Event()
 
     # ---- lifecycle ---------------------------------------------------------------------------
@@ -102,7 +105,8 @@ class Server:
                              name="memkv-conn").start()
 
     def shutdown(self) -> None:
-        """Clean stop: no new connections, close the open ones, checkpoint the index."""
+        """Clean stop: no new connections, let the requests in progress finish (up to DRAIN_S),
+        close every connection, checkpoint the index."""
         if self._stopping.is_set():
             return
         self._stopping.set()
@@ -118,12 +122,14 @@ class Server:
             except OSError:
                 pass
         with self._conns_lock:
-            conns = list(self._conns)
-        for c in conns:
-            try:
-                c.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+            idle = [c for c in self._conns if c not in self._busy]
+        _shut(idle)  # a busy one ends after its reply: its loop sees _stopping
+        with self._conns_lock:
+            if not self._drained.wait_for(lambda: not self._busy, DRAIN_S):
+                log.warning("stopping: %d request(s) still in progress after %d s are cut off",
+                            len(self._busy), DRAIN_S)
+            rest = list(self._conns)
+        _shut(rest)
         self.store.close()
         log.info("memkv stopped cleanly")
 
@@ -149,7 +155,14 @@ class Server:
                     head = native.recv_exact(fd, FRAME.size)
                 except OSError:
                     return  # closed or idle past the timeout between requests
-                self._serve_request(fd, ns_id, arena, unpack_frame(head, peer), peer, cma)
+                with self._conns_lock:
+                    self._busy.add(conn)
+                try:
+                    self._serve_request(fd, ns_id, arena, unpack_frame(head, peer), peer, cma)
+                finally:
+                    with self._conns_lock:
+                        self._busy.discard(conn)
+                        self._drained.notify_all()
         except ProtocolError as e:
             self.store.counters["bad_requests"] += 1
             log.warning("client %s: %s; closing its connection", peer, e)
@@ -344,6 +357,14 @@ class _CmaPeer:
 
     def close(self) -> None:
         os.close(self.pidfd)
+
+
+def _shut(conns) -> None:
+    for c in conns:
+        try:
+            c.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
 
 
 def _unix_listener(path: str) -> socket.socket:
