@@ -1,7 +1,9 @@
 """The memkv command line: serve settings from TOML and flags, quick put/get/stat, clear errors."""
+import dataclasses
 import os
 import subprocess
 import sys
+import tomllib
 
 import pytest
 
@@ -89,3 +91,15 @@ def test_serve_defaults_to_the_memkv_data_directory(tmp_path):
     assert resolved.data == [str(tmp_path / "home-data")]
     assert resolved.listen == "127.0.0.1:9900" and resolved.durability == "sync"
     assert resolved.capacity >= 256 << 20
+
+
+def test_the_example_config_names_every_setting_and_loads():
+    """examples/memkv.toml documents every server setting; it must load as it stands."""
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples",
+                        "memkv.toml")
+    with open(path, "rb") as f:
+        named = set(tomllib.load(f)["server"])
+    fields = {f.name.replace("_", "-") for f in dataclasses.fields(config.ServerConfig)}
+    assert named == fields, f"missing: {fields - named}; unknown: {named - fields}"
+    cfg = config.load(path, {})
+    assert cfg.capacity == 1536 << 30 and cfg.quota["*"] == 100 << 30 and cfg.max_batch == 4096
