@@ -38,6 +38,8 @@ _Static_assert(sizeof(struct memkv_get_rep) == 24, "get reply size");
 int memkv_send_iov(int fd, struct iovec *iov, int cnt); /* wire.c */
 
 static uint64_t round_up(uint64_t v, uint64_t a) { return (v + a - 1) / a * a; }
+/* Bytes a block of len payload bytes takes on disk: header, payload, padding (as record_length). */
+static uint64_t record_len(uint64_t len) { return round_up(MEMKV_REC_HDR + len, MEMKV_ALIGN); }
 
 /* ---- cma: one-sided copies with a client process on this host ------------------------------- */
 /* Copy len bytes between our `local` and `remote` in process pid (write: to it). -EFAULT means the
@@ -686,7 +688,7 @@ static int put_record(struct batch *b, struct incoming *in) {
     struct memkv_io *io = in->io;
     char *rec = in->rec;
     struct job *jobs = in->jobs;
-    uint64_t piece = in->piece, end = MEMKV_REC_HDR + io->len, reclen = round_up(end, MEMKV_ALIGN);
+    uint64_t piece = in->piece, end = MEMKV_REC_HDR + io->len, reclen = record_len(io->len);
     int kind = in->kind, rc = 0;
     struct memkv_hstate hs;
     memkv_hs_reset(&hs);
@@ -739,7 +741,7 @@ struct plan {
 static int plan_slots(struct memkv_arena *a, const struct memkv_io *ios, uint32_t n, uint8_t action,
                       struct plan *p) {
     uint32_t count;
-    p->slot = round_up(MEMKV_REC_HDR + max_store_len(ios, n, action, &count), MEMKV_ALIGN);
+    p->slot = record_len(max_store_len(ios, n, action, &count));
     p->nslots = 0;
     int rc = count ? arena_slots(a, p->slot, count, &p->nslots) : 0;
     if (rc) return rc;
@@ -755,7 +757,7 @@ static int stored(const struct memkv_io *io) {
 
 /* A write-behind record moves in pieces sized for its own length (it has no arena slot). */
 static uint64_t behind_piece(const struct memkv_io *io) {
-    return piece_size(round_up(MEMKV_REC_HDR + io->len, MEMKV_ALIGN));
+    return piece_size(record_len(io->len));
 }
 
 /* Descriptor i of a batch, to be received into its DRAM cache slot (BEHIND). */
@@ -779,7 +781,7 @@ static int behind_start(struct memkv_behind *q, struct memkv_io *ios, uint32_t n
     if (!wbs) return -ENOMEM;
     for (uint32_t i = 0; i < n; i++) {
         if (ios[i].action != MEMKV_ACT_BEHIND) continue;
-        uint64_t reclen = round_up(MEMKV_REC_HDR + ios[i].len, MEMKV_ALIGN), piece = behind_piece(&ios[i]);
+        uint64_t reclen = record_len(ios[i].len), piece = behind_piece(&ios[i]);
         if (!(wbs[i] = behind_new(q, ios[i].seq, (uint32_t)((reclen + piece - 1) / piece)))) {
             for (uint32_t k = 0; k < i; k++) free(wbs[k]);
             free(wbs);
@@ -923,7 +925,7 @@ static int server_get(int sock, struct memkv_arena *a, struct memkv_io *ios, uin
             if (sub < n) {                                                                     \
                 struct memkv_io *fio = &ios[sub++];                                            \
                 char *rec = (char *)a->mem + (size_t)(s) * slot;                               \
-                uint64_t reclen = round_up(MEMKV_REC_HDR + fio->len, MEMKV_ALIGN);             \
+                uint64_t reclen = record_len(fio->len);                                        \
                 uint32_t np = (uint32_t)((reclen + piece - 1) / piece);                        \
                 ss[s] = (struct slot_state){fio, np, 0, 0};                                    \
                 for (uint32_t k = 0; k < np; k++) {                                            \

@@ -52,7 +52,7 @@ class ServerConfig:
         if not c.data:
             c.data = [default_data_dir()]
         c.data = [os.path.abspath(os.path.expanduser(p)) for p in c.data]
-        dirs = [p for p in c.data if not _is_block_device(p)]
+        dirs = [p for p in c.data if not is_block_device(p)]
         for d in dirs:
             os.makedirs(d, exist_ok=True)
         if c.meta_dir is None:
@@ -93,7 +93,7 @@ class ServerConfig:
         return c
 
     def data_files(self) -> list[str]:
-        return [p if _is_block_device(p) else os.path.join(p, DATA_FILE) for p in self.data]
+        return [p if is_block_device(p) else os.path.join(p, DATA_FILE) for p in self.data]
 
     def secret(self) -> bytes | None:
         if not self.secret_file:
@@ -160,7 +160,7 @@ def _default_share(path: str, dirs_on_fs: collections.Counter) -> int:
     """A data path's size when none is configured: a block device's size; in a directory, the
     size of its existing data file (a store keeps its size), else half the free space of its
     filesystem (split between the data directories on it), from 256MiB up to 16GiB."""
-    if _is_block_device(path):
+    if is_block_device(path):
         fd = os.open(path, os.O_RDONLY)
         try:
             return os.lseek(fd, 0, os.SEEK_END)
@@ -173,7 +173,7 @@ def _default_share(path: str, dirs_on_fs: collections.Counter) -> int:
     return max(256 << 20, min(16 << 30, free // 2)) // (1 << 20) * (1 << 20)
 
 
-def _is_block_device(path: str) -> bool:
+def is_block_device(path: str) -> bool:
     import stat
     try:
         return stat.S_ISBLK(os.stat(path).st_mode)

@@ -25,7 +25,6 @@ import errno
 import fcntl
 import logging
 import os
-import stat
 import threading
 import time
 import uuid
@@ -37,6 +36,7 @@ from ..diskformat import (ALIGN, CKPT_FILE, CKPT_HDR, CKPT_MAGIC, CKPT_TRAILER, 
                           record_length)
 from ..errors import StoreError
 from ..protocol import Status
+from .config import is_block_device
 from .ramcache import RamCache
 
 log = logging.getLogger("memkv.store")
@@ -125,7 +125,7 @@ def _claim(fd: int, what: str) -> None:
 
 def _open_data_path(path: str, size: int) -> tuple[int, int, bytes]:
     """Open (creating/preallocating a regular file) a data path; returns (fd, size, uuid)."""
-    is_dev = os.path.exists(path) and stat.S_ISBLK(os.stat(path).st_mode)
+    is_dev = is_block_device(path)
     # O_EXCL on a block device: refused while it is mounted or opened so by another server
     flags = os.O_RDWR | os.O_DIRECT | (os.O_EXCL if is_dev else os.O_CREAT)
     try:
@@ -809,12 +809,15 @@ class Store:
 
     @property
     def _journal_path(self) -> str:
-        return os.path.join(self.meta_dir, f"journal.{self._journal_id}")
+        return self._journal_file(self._journal_id)
+
+    def _journal_file(self, journal_id: int) -> str:
+        return os.path.join(self.meta_dir, f"journal.{journal_id}")
 
     def _open_journal(self, journal_id: int) -> None:
         """Start appending to a new journal file (the open one is kept if that fails). Callers
         leave no record of the open one unflushed, or put such records in the new one."""
-        path = os.path.join(self.meta_dir, f"journal.{journal_id}")
+        path = self._journal_file(journal_id)
         _atomic_write(path, JOURNAL_HDR.pack(JOURNAL_MAGIC, FORMAT_VERSION, 0, journal_id))
         fd = os.open(path, os.O_WRONLY | os.O_APPEND)
         if self._jfd is not None:
